@@ -1,0 +1,25 @@
+"""The library's error type: one clear line naming the bad value and what is accepted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class MassactError(ValueError):
+    """Bad input or a model that does not match what an adapter expects.
+
+    The CLI prints the message as one line and exits non-zero; the Python API raises it.
+    """
+
+
+def choice_error(what: str, value: object, accepted: Iterable[object]) -> MassactError:
+    """An error for a value that is not one of the accepted ones."""
+    acc = ", ".join(str(a) for a in accepted)
+    return MassactError(f"unknown {what} {value!r}; accepted: {acc}")
+
+
+def check_k(k: int, channels: int, what: str = "k") -> int:
+    """Check that ``1 <= k <= channels`` and return ``k``."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > channels:
+        raise MassactError(f"{what}={k!r} is out of range; accepted: 1..{channels} (the channel count)")
+    return k

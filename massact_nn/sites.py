@@ -1,0 +1,68 @@
+"""Sites: the image-stream outputs of a DiT's blocks, named by their diffusers module path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from .errors import MassactError
+
+
+@dataclass(frozen=True)
+class Site:
+    """One block's image-stream output.
+
+    Attributes:
+        layer: Flat index in execution order (0 = first block the model runs).
+        module: Module path relative to the transformer, e.g. ``"single_transformer_blocks.10"``.
+        channels: Width of the image stream at this site.
+        streams: Streams the block outputs, e.g. ``("image", "text")`` or ``("image",)``.
+        kind: The adapter's name for the block kind, e.g. ``"double"`` or ``"single"``.
+    """
+
+    layer: int
+    module: str
+    channels: int
+    streams: tuple[str, ...] = ("image",)
+    kind: str = "block"
+
+    def to_json(self) -> dict:
+        """Plain-JSON form (``streams`` as a list)."""
+        d = asdict(self)
+        d["streams"] = list(self.streams)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Site:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            layer=int(d["layer"]), module=str(d["module"]), channels=int(d["channels"]),
+            streams=tuple(d.get("streams", ("image",))), kind=str(d.get("kind", "block")),
+        )
+
+
+def resolve_sites(sites: Sequence[Site], wanted: Sequence[str | int] | None) -> list[Site]:
+    """Pick sites by module path or flat layer index; ``None`` means all.
+
+    Raises:
+        MassactError: naming the unknown site and listing the accepted ones.
+    """
+    if wanted is None:
+        return list(sites)
+    by_module = {s.module: s for s in sites}
+    by_layer = {s.layer: s for s in sites}
+    out: list[Site] = []
+    for w in wanted:
+        key: str | int = w
+        if isinstance(w, str) and w.lstrip("-").isdigit():
+            key = int(w)
+        site = by_layer.get(key) if isinstance(key, int) else by_module.get(key)
+        if site is None:
+            accepted = ", ".join(s.module for s in sites)
+            raise MassactError(
+                f"unknown site {w!r}; accepted: module paths ({accepted}) "
+                f"or layer indices 0..{len(sites) - 1}"
+            )
+        if site not in out:
+            out.append(site)
+    return sorted(out, key=lambda s: s.layer)

@@ -1,0 +1,170 @@
+"""Architecture adapters: where a DiT's blocks are and how their image stream is laid out.
+
+An adapter is data: block lists in execution order, each with an output *layout* name, plus a few
+small rules (token grid, guidance). Reading and writing the image stream is done by the layout
+functions below, which check the structure they are handed and fail loudly when a diffusers
+release changed it, instead of silently reading the wrong tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from massact_nn.errors import MassactError
+
+# Output layouts of a block's forward, as diffusers 0.42 returns them.
+#   pair_text_image: (encoder_hidden_states, hidden_states)   -> image = out[1]
+#   pair_image_text: (hidden_states, encoder_hidden_states)   -> image = out[0]
+#   tensor:          hidden_states (text enters by cross-attention, or there is none)
+#   concat_text_image: one tensor cat([text, image], dim=1)   -> image = last n_image tokens
+LAYOUTS = ("pair_text_image", "pair_image_text", "tensor", "concat_text_image")
+
+
+@dataclass(frozen=True)
+class BlockList:
+    """One ``nn.ModuleList`` of blocks inside the transformer.
+
+    Attributes:
+        attr: Attribute path on the transformer, e.g. ``"single_transformer_blocks"``.
+        kind: Short name used in site tables, e.g. ``"double"``.
+        layout: One of :data:`LAYOUTS`.
+    """
+
+    attr: str
+    kind: str
+    layout: str
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """Streams this block outputs."""
+        return ("image",) if self.layout == "tensor" else ("image", "text")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How a pipeline runs classifier-free guidance.
+
+    Attributes:
+        mode: ``"none"`` (one call, no unconditional branch), ``"batched"`` (one call on
+            ``[uncond; cond]`` rows) or ``"two_calls"`` (conditional call first, then the
+            unconditional one, per step).
+        active: Given the pipeline and the call's keyword arguments, whether guidance runs.
+    """
+
+    mode: str
+    active: Callable[[Any, dict], bool] = lambda pipe, kw: False
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Architecture knowledge for one family of diffusers DiTs.
+
+    Attributes:
+        name: Family name (``"flux"``, ``"sana"``, ...).
+        transformer_classes: diffusers transformer class names this adapter covers.
+        blocks: Block lists in execution order.
+        guidance: Guidance structure of the family's text-to-image pipeline.
+        grid: ``(pipeline, height, width) -> (rows, cols)`` of the image token grid.
+        width: ``transformer config -> channels`` of the residual stream.
+        call_defaults: Pipeline keyword arguments this library passes unless the user does.
+        notes: Free text shown in docs (what was verified, caveats).
+    """
+
+    name: str
+    transformer_classes: tuple[str, ...]
+    blocks: tuple[BlockList, ...]
+    guidance: Guidance
+    grid: Callable[[Any, int, int], tuple[int, int]]
+    width: Callable[[Any], int]
+    call_defaults: dict = field(default_factory=dict)
+    notes: str = ""
+
+    def calls_per_step(self, pipe: Any, kwargs: dict) -> int:
+        """Transformer calls per denoising step for this call."""
+        if self.guidance.mode == "two_calls" and self.guidance.active(pipe, kwargs):
+            return 2
+        return 1
+
+    def batched_cfg(self, pipe: Any, kwargs: dict) -> bool:
+        """Whether the transformer sees ``[uncond; cond]`` rows in one call."""
+        return self.guidance.mode == "batched" and self.guidance.active(pipe, kwargs)
+
+
+def vae_scale(pipe: Any) -> int:
+    """The pipeline's VAE downsampling factor (diffusers' ``vae_scale_factor``)."""
+    f = getattr(pipe, "vae_scale_factor", None)
+    if f is None:
+        raise MassactError(f"{type(pipe).__name__} has no vae_scale_factor; cannot derive the token grid")
+    return int(f)
+
+
+def packed_grid(pipe: Any, height: int, width: int, patch: int = 2) -> tuple[int, int]:
+    """Token grid of pipelines that pack ``patch × patch`` latent pixels into one token."""
+    f = vae_scale(pipe)
+    return height // (f * patch), width // (f * patch)
+
+
+def _shape(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"Tensor{tuple(x.shape)}"
+    if isinstance(x, (tuple, list)):
+        return f"{type(x).__name__}[" + ", ".join(_shape(v) for v in x) + "]"
+    return type(x).__name__
+
+
+def _layout_error(where: str, layout: str, out: Any, why: str) -> MassactError:
+    return MassactError(
+        f"block {where}: output {_shape(out)} does not match the adapter's layout {layout!r} "
+        f"({why}); this diffusers version may have changed the block's return value"
+    )
+
+
+def read_image(layout: str, out: Any, n_image: int, where: str = "?") -> torch.Tensor:
+    """The image-stream tokens of a block output.
+
+    Args:
+        layout: One of :data:`LAYOUTS`.
+        out: What the block's forward returned.
+        n_image: Expected number of image tokens.
+        where: Site name for error messages.
+
+    Shapes:
+        -> [batch, n_image, channels] (a view of the block's output where the layout allows).
+    """
+    if layout in ("pair_text_image", "pair_image_text"):
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise _layout_error(where, layout, out, "expected a pair")
+        img = out[1] if layout == "pair_text_image" else out[0]
+    elif layout in ("tensor", "concat_text_image"):
+        if not isinstance(out, torch.Tensor):
+            raise _layout_error(where, layout, out, "expected one tensor")
+        img = out if layout == "tensor" else out[:, out.shape[1] - n_image:]
+    else:
+        raise MassactError(f"unknown layout {layout!r}; accepted: {', '.join(LAYOUTS)}")
+    if not isinstance(img, torch.Tensor) or img.ndim != 3 or img.shape[1] != n_image:
+        raise _layout_error(where, layout, out, f"expected {n_image} image tokens")
+    return img
+
+
+def write_image(layout: str, out: Any, image: torch.Tensor, n_image: int) -> Any:
+    """A new block output whose image stream is ``image`` (everything else unchanged).
+
+    A new object is built rather than editing in place: under several nnsight invokes each one
+    sees a concatenated copy, so in-place edits would be lost (design notes, pitfall 6).
+
+    Shapes:
+        image: [batch, n_image, channels].
+    """
+    if layout == "pair_text_image":
+        return (out[0], image)
+    if layout == "pair_image_text":
+        return (image, out[1])
+    if layout == "tensor":
+        return image
+    if layout == "concat_text_image":
+        return torch.cat([out[:, : out.shape[1] - n_image], image], dim=1)
+    raise MassactError(f"unknown layout {layout!r}; accepted: {', '.join(LAYOUTS)}")

@@ -1,0 +1,56 @@
+"""Arguments shared by several subcommands, and their conversion to configs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from massact_nn.errors import MassactError
+
+from ..generation import GenerationConfig
+
+
+def add_model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """``--model``, ``--device``, ``--dtype``."""
+    p.add_argument("--model", default="toy", help="pipeline folder, Hub id, or 'toy' (default)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    if dtype:
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def add_generation_args(p: argparse.ArgumentParser, steps: int | None = None) -> None:
+    """Trajectory settings: steps, seed, size, guidance, batch size."""
+    p.add_argument("--steps", type=int, default=steps, help="denoising steps (default: model's)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed S+i (default 0)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """``--prompt`` (repeatable) and ``--prompts-file``."""
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", default=None, help="text file, one prompt per line")
+
+
+def prompts_from(args: argparse.Namespace) -> list[str]:
+    """Prompts from ``--prompt`` and ``--prompts-file`` (blank lines and ``#`` lines skipped)."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        f = Path(args.prompts_file)
+        if not f.is_file():
+            raise MassactError(f"prompts file {args.prompts_file!r} does not exist")
+        prompts += [ln.strip() for ln in f.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if not prompts:
+        raise MassactError("no prompts given; accepted: one or more --prompt or a --prompts-file")
+    return prompts
+
+
+def generation_from(args: argparse.Namespace, model_defaults: dict | None = None) -> GenerationConfig:
+    """A :class:`GenerationConfig` from parsed arguments."""
+    steps = args.steps if args.steps is not None else (model_defaults or {}).get("steps", 4)
+    return GenerationConfig(
+        steps=steps, seed=args.seed, height=args.height, width=args.width,
+        guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+    )

@@ -1,0 +1,65 @@
+"""The ``massact`` command: one subcommand module per feature, each with ``register(sub)``.
+
+Every expected failure is a :class:`MassactError`, printed as one line (``massact: error: ...``)
+with a non-zero exit; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from massact_nn.errors import MassactError
+
+#: Subcommand modules under ``massact_nn.tracing`` (each defines ``register(subparsers)``).
+COMMANDS: tuple[str, ...] = (
+    "cli.sites",
+    "cli.stats",
+    "cli.probes",
+    "cli.report",
+    "cli.demo",
+    "toy.cli",
+    "llm.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (subcommands whose module is absent are left out)."""
+    parser = argparse.ArgumentParser(
+        prog="massact",
+        description="Massive activations in Diffusion Transformers (nnsight + diffusers).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"massact_nn.tracing.{name}")
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("massact_nn.tracing"):
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``massact`` console script."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except MassactError as e:
+        print(f"massact: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("massact: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""How one generation is run: pipeline arguments, seeds, and the transformer-call schedule."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from massact_nn.errors import MassactError
+
+from .adapters import Adapter
+
+
+@dataclass
+class GenerationConfig:
+    """Settings of the trajectories a probe or a statistics run generates.
+
+    Attributes:
+        steps: Denoising steps (always passed: nnsight's traced default is 1).
+        seed: The i-th prompt gets ``torch.Generator(device).manual_seed(seed + i)``.
+        height: Image height in pixels (``None``: the model folder's or pipeline's default).
+        width: Image width in pixels.
+        guidance_scale: Passed to the pipeline when set.
+        batch_size: Prompts per pipeline call.
+        extra: Any further pipeline keyword arguments (``negative_prompt``, ``true_cfg_scale``,
+            ``max_sequence_length``, ...).
+    """
+
+    steps: int = 4
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    guidance_scale: float | None = None
+    batch_size: int = 8
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """Plain-JSON form for run metadata."""
+        return asdict(self)
+
+
+def folder_defaults(model: Any) -> dict:
+    """Call defaults a model folder declares in ``massact.json`` or ``massact_toy.json``."""
+    pipe = getattr(model, "pipeline", model)
+    name = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    for fname in ("massact.json", "massact_toy.json"):
+        p = Path(str(name or "")) / fname
+        if name and p.is_file():
+            d = json.loads(p.read_text())
+            return dict(d.get("call_defaults", d))
+    return {}
+
+
+def resolve(config: GenerationConfig, model: Any, adapter: Adapter) -> GenerationConfig:
+    """Fill unset sizes from the model folder or pipeline defaults and check them.
+
+    Raises:
+        MassactError: for steps < 1, or a height/width the model cannot take.
+    """
+    pipe = getattr(model, "pipeline", model)
+    fd = folder_defaults(model)
+    cfg = GenerationConfig(**{**asdict(config), "extra": dict(config.extra)})
+    if cfg.steps < 1:
+        raise MassactError(f"steps={cfg.steps!r} is out of range; accepted: an integer >= 1")
+    default_px = None
+    if hasattr(pipe, "default_sample_size") and hasattr(pipe, "vae_scale_factor"):
+        default_px = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+    cfg.height = cfg.height or fd.get("height") or default_px
+    cfg.width = cfg.width or fd.get("width") or default_px
+    if cfg.guidance_scale is None and "guidance_scale" in fd:
+        cfg.guidance_scale = fd["guidance_scale"]
+    for key in ("max_sequence_length",):
+        if key in fd and key not in cfg.extra:
+            cfg.extra[key] = fd[key]
+    for key, value in adapter.call_defaults.items():
+        cfg.extra.setdefault(key, value)
+    if cfg.height is None or cfg.width is None:
+        raise MassactError("height/width are unknown for this pipeline; pass --height and --width")
+    unit = adapter_unit(pipe, adapter)
+    if cfg.height < unit or cfg.width < unit or cfg.height % unit or cfg.width % unit:
+        raise MassactError(
+            f"height={cfg.height}, width={cfg.width} cannot be taken by this model; "
+            f"accepted: positive multiples of {unit} pixels"
+        )
+    return cfg
+
+
+def adapter_unit(pipe: Any, adapter: Adapter) -> int:
+    """Pixels per image token along one side (the size granularity the model accepts)."""
+    big = 1 << 12
+    rows, _ = adapter.grid(pipe, big, big)
+    return max(big // max(rows, 1), 1)
+
+
+def n_image_tokens(pipe: Any, adapter: Adapter, height: int, width: int) -> int:
+    """Image tokens per sample at this size."""
+    rows, cols = adapter.grid(pipe, height, width)
+    return rows * cols
+
+
+def pipeline_kwargs(
+    cfg: GenerationConfig, prompts: Sequence[str], first_index: int, device: torch.device | str
+) -> dict:
+    """Keyword arguments of one pipeline call over ``prompts`` (the batch starting at index
+    ``first_index`` of the whole prompt list, so prompt i always gets seed ``seed + i``)."""
+    gens = [torch.Generator(device).manual_seed(cfg.seed + first_index + i) for i in range(len(prompts))]
+    kw = dict(
+        num_inference_steps=cfg.steps, height=cfg.height, width=cfg.width, generator=gens, **cfg.extra
+    )
+    if cfg.guidance_scale is not None:
+        kw["guidance_scale"] = cfg.guidance_scale
+    return kw
+
+
+@dataclass(frozen=True)
+class Call:
+    """One transformer call of a generation: its index, denoising step and branch."""
+
+    index: int
+    step: int
+    conditional: bool
+
+
+def call_schedule(steps: int, calls_per_step: int) -> list[Call]:
+    """Transformer calls in order; with two calls per step the conditional one comes first."""
+    return [Call(i, i // calls_per_step, i % calls_per_step == 0) for i in range(steps * calls_per_step)]
+
+
+def batches(items: Sequence[str], size: int) -> Iterator[tuple[int, list[str]]]:
+    """``(first_index, chunk)`` pairs of consecutive chunks."""
+    if size < 1:
+        raise MassactError(f"batch_size={size!r} is out of range; accepted: an integer >= 1")
+    for i in range(0, len(items), size):
+        yield i, list(items[i : i + size])

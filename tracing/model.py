@@ -1,0 +1,124 @@
+"""Loading a diffusers pipeline as an nnsight ``DiffusionModel``, offline-first."""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from nnsight.modeling.diffusion import DiffusionModel
+
+import massact_nn
+from massact_nn.errors import MassactError, choice_error
+
+from .adapters import Adapter, adapter_for, adapter_for_class
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def toy_path() -> Path:
+    """Folder of the embedded default model shipped with the package (``--model toy``)."""
+    return Path(massact_nn.__file__).parent / "assets" / "toy"
+
+
+def resolve_model(spec: str | Path) -> str:
+    """Turn ``--model`` into something ``from_pretrained`` takes.
+
+    ``toy`` is the embedded default; an existing folder must hold a ``model_index.json``; an
+    ``org/name`` string is a Hub id (used only when the network is there).
+
+    Raises:
+        MassactError: for a missing folder, a folder that is not a pipeline, or a missing toy.
+    """
+    s = str(spec)
+    if s == "toy":
+        p = toy_path()
+        if not (p / "model_index.json").is_file():
+            raise MassactError(
+                f"the embedded default model is not available yet (no pipeline in {p}); "
+                "train and export it with `massact toy train` / `massact toy export`"
+            )
+        return str(p)
+    p = Path(s).expanduser()
+    if p.exists():
+        if not (p / "model_index.json").is_file() and not (p / "transformer" / "config.json").is_file():
+            raise MassactError(
+                f"model folder {s!r} holds no diffusers pipeline (no model_index.json); "
+                "accepted: a diffusers pipeline folder, a Hub id, or 'toy'"
+            )
+        return str(p)
+    if _HUB_ID.match(s) and not s.startswith((".", "/")):
+        return s
+    raise MassactError(
+        f"model folder {s!r} does not exist; accepted: a diffusers pipeline folder, "
+        "a Hub id like 'black-forest-labs/FLUX.1-schnell', or 'toy'"
+    )
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32" | "bfloat16" | "float16"`` to a torch dtype."""
+    if name not in DTYPES:
+        raise choice_error("dtype", name, DTYPES)
+    return DTYPES[name]
+
+
+def load_model(
+    spec: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32"
+) -> DiffusionModel:
+    """Load a pipeline as an nnsight ``DiffusionModel`` with real weights on ``device``.
+
+    Args:
+        spec: ``toy``, a pipeline folder, or a Hub id.
+        device: ``cpu``, ``cuda``, ``cuda:1``, ...
+        dtype: Weights dtype (statistics are float32 regardless).
+    """
+    path = resolve_model(spec)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MassactError(f"device={device!r} is not available here; accepted: cpu")
+    td = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    _check_transformer_class(path)
+    model = DiffusionModel(path, dispatch=True, torch_dtype=td)
+    model.pipeline.to(device)
+    model.pipeline.set_progress_bar_config(disable=True)
+    adapter_for(model.pipeline.transformer)
+    return model
+
+
+def _check_transformer_class(path: str) -> None:
+    # Fail before loading weights: an unsupported class should cost nothing.
+    cfg = Path(path) / "transformer" / "config.json"
+    if cfg.is_file():
+        adapter_for_class(json.loads(cfg.read_text())["_class_name"])
+
+
+def model_adapter(model: Any) -> Adapter:
+    """The adapter of an nnsight ``DiffusionModel`` (or a diffusers pipeline)."""
+    pipe = getattr(model, "pipeline", model)
+    tr = getattr(pipe, "transformer", None)
+    if tr is None:
+        raise MassactError(f"{type(pipe).__name__} has no `transformer`; only DiT pipelines are supported")
+    return adapter_for(tr)
+
+
+def model_name(model: Any) -> str:
+    """A stable name for run metadata: the folder or Hub id the pipeline came from."""
+    pipe = getattr(model, "pipeline", model)
+    name = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None)
+    if name and Path(str(name)).resolve() == toy_path().resolve():
+        return "toy"
+    return str(name or type(pipe).__name__)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a result depends on, for run metadata."""
+    out = {}
+    for pkg in ("massact-nn", "torch", "nnsight", "diffusers", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out

@@ -1,0 +1,132 @@
+"""Streaming channel statistics over every site, step and prompt, as an nnsight intervention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from massact_nn.errors import MassactError
+from massact_nn.sites import resolve_sites
+from massact_nn.stats import ChannelStats, StatsAccumulator
+
+from .adapters import read_image
+from .generation import (
+    GenerationConfig,
+    batches,
+    call_schedule,
+    n_image_tokens,
+    pipeline_kwargs,
+    resolve,
+)
+from .model import library_versions, model_adapter, model_name
+from .sites import sites_of
+
+
+@dataclass
+class StatsConfig:
+    """What to measure.
+
+    Attributes:
+        generation: Trajectory settings (steps, seed, size, guidance, batch size).
+        k: Size of the top-k sets reported per site (and kept for stability summaries).
+        per_step: Also keep ``per_step_abs_mean`` [steps × channels] per site.
+        include_uncond: Under classifier-free guidance, also count the unconditional rows/calls.
+        sites: Module paths or layer indices to measure (``None``: every site).
+        progress: Show a tqdm bar over transformer calls.
+    """
+
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    k: int = 4
+    per_step: bool = False
+    include_uncond: bool = False
+    sites: Sequence[str | int] | None = None
+    progress: bool = True
+
+
+def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None = None) -> ChannelStats:
+    """Measure ``abs_mean``, ``mean_abs`` and ``max_abs`` per channel at every site.
+
+    The reductions run inside the trace on the model's device, one site at a time, and only
+    [channels]-sized sums are kept (see :class:`massact_nn.stats.StatsAccumulator`).
+
+    Args:
+        model: An nnsight ``DiffusionModel`` (yours, or from :func:`load_model`).
+        prompts: Text prompts; prompt i is generated from seed ``seed + i``.
+        config: What to measure.
+
+    Returns:
+        A :class:`ChannelStats` with the run's metadata.
+    """
+    config = config or StatsConfig()
+    prompts = list(prompts)
+    if not prompts:
+        raise MassactError("no prompts given; accepted: one or more --prompt or a --prompts-file")
+    if any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise MassactError("empty prompt given; accepted: non-empty strings")
+    adapter = model_adapter(model)
+    pipe = model.pipeline
+    gen = resolve(config.generation, model, adapter)
+    sites = resolve_sites(sites_of(model), config.sites)
+    kinds = {f"{bl.attr}.": bl.layout for bl in adapter.blocks}
+    layout = {s.module: kinds[s.module.rsplit(".", 1)[0] + "."] for s in sites}
+    n_img = n_image_tokens(pipe, adapter, gen.height, gen.width)
+    device = pipe.transformer.device
+    acc = StatsAccumulator(sites, gen.steps, config.k, config.per_step, device)
+
+    probe_kw = pipeline_kwargs(gen, prompts[:1], 0, device)
+    per_step = adapter.calls_per_step(pipe, probe_kw)
+    batched_cfg = adapter.batched_cfg(pipe, probe_kw)
+    schedule = call_schedule(gen.steps, per_step)
+    bar = tqdm(total=len(prompts) * len(schedule), desc="stats", unit="call", disable=not config.progress)
+    blocks = {s.module: model.transformer.get(s.module) for s in sites}
+    for first, chunk in batches(prompts, gen.batch_size):
+        acc.begin_batch(len(chunk))
+        n = len(chunk)
+        with model.generate(chunk, **pipeline_kwargs(gen, chunk, first, device)) as tracer:
+            for i in tracer.iter[: len(schedule)]:
+                call = schedule[i]
+                take = call.conditional or config.include_uncond
+                for s in sites:
+                    out = blocks[s.module].output
+                    if not take:
+                        continue
+                    h = read_image(layout[s.module], out, n_img, s.module)
+                    rows = _rows(h, n, batched_cfg, config.include_uncond, s.module)
+                    acc.update(s.module, call.step, h[rows], rows % n)
+                bar.update(n)
+        acc.end_batch()
+    bar.close()
+    meta = {
+        "model": model_name(model),
+        "architecture": adapter.name,
+        "transformer_class": type(pipe.transformer).__name__,
+        "versions": library_versions(),
+        "prompts": prompts,
+        "seed": gen.seed,
+        "height": gen.height,
+        "width": gen.width,
+        "guidance_scale": gen.guidance_scale,
+        "generation": gen.to_json(),
+        "include_uncond": config.include_uncond,
+        "calls_per_step": per_step,
+        "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
+        "device": str(device),
+    }
+    return acc.result(meta)
+
+
+def _rows(h: torch.Tensor, n: int, batched_cfg: bool, include_uncond: bool, where: str) -> torch.Tensor:
+    # Under batched CFG the rows are [uncond (n); cond (n)] (nnsight's batcher keeps that order).
+    expected = 2 * n if batched_cfg else n
+    if h.shape[0] != expected:
+        raise MassactError(
+            f"site {where}: batch has {h.shape[0]} rows, expected {expected} "
+            f"({'uncond+cond' if batched_cfg else 'one per prompt'}); unsupported guidance setup"
+        )
+    if batched_cfg and not include_uncond:
+        return torch.arange(n, 2 * n, device=h.device)
+    return torch.arange(expected, device=h.device)

@@ -1,0 +1,1 @@
+"""Tiny random-weight pipelines built offline, for tests, benchmarks and tutorials."""

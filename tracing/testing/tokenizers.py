@@ -1,0 +1,41 @@
+"""Tokenizers built in-process from a word list (no Hub access)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DEFAULT_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "of", "on", "in", "with", "and", "photo", "cat", "dog", "red", "green",
+    "blue", "yellow", "white", "black", "circle", "square", "triangle", "cross", "small",
+    "large", "background", "left", "right", "car", "tree", "house", "sky", "sea", "painting",
+)
+
+
+def clip_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS, max_length: int = 77):
+    """A word-level ``CLIPTokenizer`` (empty merges, so every known word is one token)."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for w in words:
+        vocab.setdefault(w + "</w>", len(vocab))
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    with tempfile.TemporaryDirectory() as d:
+        vf, mf = Path(d) / "vocab.json", Path(d) / "merges.txt"
+        vf.write_text(json.dumps(vocab))
+        mf.write_text("#version: 0.2\n")
+        tok = CLIPTokenizer(str(vf), str(mf), model_max_length=max_length, pad_token="!")
+    return tok
+
+
+def t5_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS, max_length: int = 32):
+    """A ``T5Tokenizer`` whose unigram vocabulary is the word list (plus pad/eos/unk)."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -float(i + 1)) for i, w in enumerate(words)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)

@@ -1,0 +1,202 @@
+"""Evaluate a toy pipeline folder: prompt fidelity (judge) and massive-activation statistics.
+
+Plain diffusers only (no nnsight): images come from ``FluxPipeline.__call__`` with the
+folder's stored call defaults, and block outputs are read with ``register_forward_hook``.
+For both Flux double and single blocks (diffusers 0.42) the image stream is ``output[1]``.
+
+Statistic: ``abs_mean[c]`` = |mean over image tokens of channel c| of a block's image-stream
+output, averaged over denoising steps, then over prompts. Per block we report
+``top1/median`` of abs_mean and the mean pairwise Jaccard overlap of the per-prompt top-4
+channel sets (1.0 = the same four channels for every prompt).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+
+from massact_nn import world as W
+
+from . import build
+from .judge import load_judge, score, train_judge
+
+TOP_K = 4
+
+
+def load_pipeline(folder: str | Path) -> FluxPipeline:
+    """Load a toy pipeline folder offline, float32 on CPU."""
+    return FluxPipeline.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+
+
+def eval_prompts(n: int = 64, seed: int = 1234) -> tuple[list[str], list[int]]:
+    """``n`` random world captions and per-image noise seeds, deterministic by ``seed``."""
+    rng = np.random.default_rng(seed)
+    attrs = W.World(seed).sample_attributes(n, rng)
+    captions = [
+        W.caption_for(f, s, b)
+        for f, s, b in zip(attrs["fg_colour"], attrs["shape"], attrs["bg_colour"], strict=True)
+    ]
+    seeds = [int(s) for s in rng.integers(0, 2**31 - 1, n)]
+    return captions, seeds
+
+
+def _blocks(pipe: FluxPipeline) -> list[tuple[str, torch.nn.Module]]:
+    tr = pipe.transformer
+    return [(f"double.{i}", b) for i, b in enumerate(tr.transformer_blocks)] + [
+        (f"single.{i}", b) for i, b in enumerate(tr.single_transformer_blocks)
+    ]
+
+
+@torch.no_grad()
+def generate(
+    pipe: FluxPipeline,
+    captions: list[str],
+    seeds: list[int],
+    call: dict[str, Any] | None = None,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Generate one image per caption and record per-prompt channel statistics.
+
+    Returns:
+        ``(images, abs_means)``: images float32 [B, 3, H, W] in [-1, 1]; per block name the
+        per-prompt abs_mean averaged over steps, float64 [B, D].
+    """
+    call = dict(call or build.PIPELINE_DEFAULTS)
+    sums: dict[str, list[torch.Tensor]] = {}
+    steps: dict[str, int] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(_module: torch.nn.Module, _inp: Any, output: Any) -> None:
+            img = output[1]  # image stream [B, N, D]
+            m = img.detach().double().mean(dim=1).abs()
+            current[name] = current[name] + m if name in current else m
+            steps[name] = steps.get(name, 0) + 1
+
+        return fn
+
+    handles = [blk.register_forward_hook(hook(name)) for name, blk in _blocks(pipe)]
+    images = []
+    try:
+        for i in range(0, len(captions), batch_size):
+            current.clear()
+            steps.clear()
+            caps, sds = captions[i : i + batch_size], seeds[i : i + batch_size]
+            gens = [torch.Generator().manual_seed(s) for s in sds]
+            out = pipe(prompt=caps, generator=gens, output_type="np", **call).images
+            images.append(torch.from_numpy(out).permute(0, 3, 1, 2).numpy() * 2.0 - 1.0)
+            for name, acc in current.items():
+                sums.setdefault(name, []).append(acc / steps[name])
+    finally:
+        for h in handles:
+            h.remove()
+    abs_means = {name: torch.cat(v).numpy() for name, v in sums.items()}
+    return np.concatenate(images).astype(np.float32), abs_means
+
+
+def activation_summary(
+    abs_means: dict[str, np.ndarray], k: int = TOP_K
+) -> dict[str, dict[str, Any]]:
+    """Per block: top1/median of prompt-averaged abs_mean, top-k channels, top-k Jaccard.
+
+    Args:
+        abs_means: per block, per-prompt abs_mean. Shapes: [B, D].
+        k: size of the top channel set.
+    """
+    out = {}
+    for name, per_prompt in abs_means.items():
+        avg = per_prompt.mean(axis=0)
+        order = np.argsort(-avg)
+        sets = [set(np.argsort(-row)[:k].tolist()) for row in per_prompt]
+        pairs = list(itertools.combinations(range(len(sets)), 2))
+        jac = (
+            float(np.mean([len(sets[a] & sets[b]) / len(sets[a] | sets[b]) for a, b in pairs]))
+            if pairs
+            else 1.0
+        )
+        out[name] = {
+            "top1_over_median": float(avg[order[0]] / max(np.median(avg), 1e-12)),
+            "top1": float(avg[order[0]]),
+            "median": float(np.median(avg)),
+            "top_channels": order[:k].tolist(),
+            "topk_jaccard": jac,
+        }
+    return out
+
+
+def evaluate(
+    folder: str | Path,
+    n: int = 64,
+    seed: int = 1234,
+    judge_folder: str | Path | None = None,
+    out_json: str | Path | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Generate ``n`` fresh prompts with the pipeline in ``folder`` and summarise.
+
+    Args:
+        folder: pipeline folder (a training run's ``pipeline/`` or the shipped folder).
+        n: number of prompts (one image each).
+        seed: seed of the prompts and noise.
+        judge_folder: where ``judge.safetensors`` lives; default ``folder``. When absent
+            a judge is trained on the spot (about a minute) and saved there.
+        out_json: optional path of a JSON report.
+        verbose: print a table.
+
+    Returns:
+        ``{"judge": accuracies, "blocks": per-block summary, "max_top1_over_median": float, ...}``.
+    """
+    torch.set_num_threads(1)
+    folder = Path(folder)
+    jfolder = Path(judge_folder) if judge_folder else folder
+    try:
+        net = load_judge(jfolder)
+    except FileNotFoundError:
+        from .judge import save_judge
+
+        net = train_judge(seconds=60.0, log=lambda _m: None)
+        save_judge(net, jfolder)
+    pipe = load_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    call = build.read_defaults(folder)
+    captions, seeds = eval_prompts(n, seed)
+    images, abs_means = generate(pipe, captions, seeds, call)
+    acc = score(images, captions, net)
+    blocks = activation_summary(abs_means)
+    report = {
+        "folder": str(folder),
+        "n": n,
+        "seed": seed,
+        "call": call,
+        "judge": acc,
+        "blocks": blocks,
+        "max_top1_over_median": max(b["top1_over_median"] for b in blocks.values()),
+    }
+    if verbose:
+        print(format_report(report))
+    if out_json:
+        Path(out_json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Human-readable table of an :func:`evaluate` report."""
+    acc = report["judge"]
+    lines = [
+        f"judge accuracy on {report['n']} prompts: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()),
+        f"{'block':<10} {'top1/median':>11} {'top1':>9} {'median':>9} {'jaccard@4':>9}"
+        "  top-4 channels",
+    ]
+    for name, b in report["blocks"].items():
+        lines.append(
+            f"{name:<10} {b['top1_over_median']:>11.2f} {b['top1']:>9.4f} {b['median']:>9.4f} "
+            f"{b['topk_jaccard']:>9.3f}  {b['top_channels']}"
+        )
+    return "\n".join(lines)

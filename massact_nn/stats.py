@@ -138,14 +138,22 @@ class StatsAccumulator:
             a.prompt_sum, a.step_sets = None, []
 
     def check_finite(self) -> None:
-        """Raise on the first site and step whose activations were not finite."""
-        for module, a in self._acc.items():
-            bad = a.nonfinite.nonzero().flatten().tolist()
-            if bad:
-                raise MassactError(
-                    f"non-finite activations at site {module}, step {bad[0]} "
-                    f"(steps affected: {bad}); try --dtype float32"
-                )
+        """Raise on the earliest (step, layer) whose activations were not finite.
+
+        The earliest one is where the problem starts: non-finite values then reach every later
+        block and, through the latents, every later step.
+        """
+        bad = []
+        for layer, (module, a) in enumerate(self._acc.items()):
+            steps = a.nonfinite.nonzero().flatten().tolist()
+            if steps:
+                bad.append((steps[0], layer, module, steps))
+        if bad:
+            step, _, module, steps = min(bad)
+            raise MassactError(
+                f"non-finite activations at site {module}, step {step} "
+                f"(steps affected there: {steps}); try --dtype float32"
+            )
 
     def result(self, meta: dict | None = None) -> ChannelStats:
         """Finish: means, maxima and stability summaries as a :class:`ChannelStats`."""

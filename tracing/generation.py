@@ -105,8 +105,11 @@ def n_image_tokens(pipe: Any, adapter: Adapter, height: int, width: int) -> int:
 def pipeline_kwargs(
     cfg: GenerationConfig, prompts: Sequence[str], first_index: int, device: torch.device | str
 ) -> dict:
-    """Keyword arguments of one pipeline call over ``prompts`` (the batch starting at index
-    ``first_index`` of the whole prompt list, so prompt i always gets seed ``seed + i``)."""
+    """Keyword arguments of one pipeline call over a batch of prompts.
+
+    The batch starts at index ``first_index`` of the whole prompt list, so prompt i always gets
+    seed ``seed + i`` whatever the batch size.
+    """
     gens = [torch.Generator(device).manual_seed(cfg.seed + first_index + i) for i in range(len(prompts))]
     kw = dict(
         num_inference_steps=cfg.steps, height=cfg.height, width=cfg.width, generator=gens, **cfg.extra

@@ -81,7 +81,7 @@ def load_model(
         raise MassactError(f"device={device!r} is not available here; accepted: cpu")
     td = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     _check_transformer_class(path)
-    model = DiffusionModel(path, dispatch=True, torch_dtype=td)
+    model = DiffusionModel(path, dispatch=True, dtype=td)
     model.pipeline.to(device)
     model.pipeline.set_progress_bar_config(disable=True)
     adapter_for(model.pipeline.transformer)

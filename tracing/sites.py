@@ -50,7 +50,9 @@ def sites_from_folder(folder: str | Path) -> tuple[Adapter, list[Site]]:
     """
     cfg_path = Path(folder) / "transformer" / "config.json"
     if not cfg_path.is_file():
-        raise MassactError(f"no transformer config at {str(cfg_path)!r}; expected a diffusers pipeline folder")
+        raise MassactError(
+            f"no transformer config at {str(cfg_path)!r}; expected a diffusers pipeline folder"
+        )
     cfg = json.loads(cfg_path.read_text())
     adapter = adapter_for_class(cfg["_class_name"])
     import diffusers

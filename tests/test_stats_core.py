@@ -1,0 +1,129 @@
+"""The pure statistics layer against hand computations (no model involved)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from massact_nn.errors import MassactError
+from massact_nn.sites import Site, resolve_sites
+from massact_nn.stats import ChannelStats, StatsAccumulator
+
+SITES = [Site(0, "blocks.0", 6), Site(1, "blocks.1", 6)]
+
+
+def _feed(acc: StatsAccumulator, data: dict, prompts: int) -> None:
+    """data[module]: [steps, prompts, tokens, channels]."""
+    acc.begin_batch(prompts)
+    for step in range(acc.steps):
+        for s in acc.sites:
+            acc.update(s.module, step, data[s.module][step])
+    acc.end_batch()
+
+
+def _data(seed: int, prompts: int = 3, steps: int = 2, tokens: int = 5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {s.module: torch.randn(steps, prompts, tokens, 6, generator=g) for s in SITES}
+
+
+def test_accumulator_matches_hand_computation():
+    data = _data(0)
+    acc = StatsAccumulator(SITES, steps=2, k=2, per_step=True)
+    _feed(acc, data, 3)
+    st = acc.result({"model": "m"})
+    for s in SITES:
+        x = data[s.module]  # [S, P, N, C]
+        m = x.mean(2)  # token mean, [S, P, C]
+        torch.testing.assert_close(st.stat(s.module, "abs_mean"), m.abs().mean((0, 1)))
+        torch.testing.assert_close(st.stat(s.module, "mean_abs"), x.abs().mean(2).mean((0, 1)))
+        torch.testing.assert_close(st.stat(s.module, "max_abs"), x.abs().amax((0, 1, 2)))
+        torch.testing.assert_close(st.stat(s.module, "per_step_abs_mean"), m.abs().mean(1))
+        # per-prompt top-k sets come from the prompt's own abs_mean over steps
+        want = torch.topk(m.abs().mean(0), 2, dim=1).indices
+        assert torch.equal(st.tensors[f"prompt_topk/{s.module}"], want)
+
+
+def test_merge_of_shards_equals_whole():
+    data = _data(1, prompts=4)
+    whole = StatsAccumulator(SITES, steps=2, k=2, per_step=True)
+    _feed(whole, data, 4)
+    a = StatsAccumulator(SITES, steps=2, k=2, per_step=True)
+    b = StatsAccumulator(SITES, steps=2, k=2, per_step=True)
+    _feed(a, {k: v[:, :1] for k, v in data.items()}, 1)
+    _feed(b, {k: v[:, 1:] for k, v in data.items()}, 3)
+    meta = {"model": "m", "prompts": ["p"]}
+    merged = a.result(meta).merge(b.result(meta))
+    ref = whole.result(meta)
+    for key, value in ref.tensors.items():
+        torch.testing.assert_close(merged.tensors[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    for got, want in zip(merged.summary(), ref.summary()):
+        assert got["top"] == want["top"]
+        for key in ("ratio_top1_median", "jaccard_prompts", "jaccard_steps"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5)
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    acc = StatsAccumulator(SITES, steps=2, k=3, per_step=True)
+    _feed(acc, _data(2), 3)
+    st = acc.result({"model": "m", "prompts": ["a", "b", "c"], "seed": 7})
+    st.save(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["stats.json", "stats.safetensors"]  # no temp files left
+    back = ChannelStats.load(tmp_path)
+    assert back.sites == st.sites
+    assert back.meta["prompts"] == ["a", "b", "c"] and back.meta["seed"] == 7
+    assert back.tensors.keys() == st.tensors.keys()
+    for k in st.tensors:
+        assert torch.equal(back.tensors[k], st.tensors[k])
+    assert back.summary() == st.summary()
+
+
+def test_summary_ratio_and_top():
+    acc = StatsAccumulator(SITES, steps=1, k=2)
+    x = torch.ones(1, 4, 6) * torch.tensor([1.0, 2.0, 1.0, 1.0, 100.0, 1.0])
+    acc.begin_batch(1)
+    for s in SITES:
+        acc.update(s.module, 0, x)
+    acc.end_batch()
+    row = acc.result().summary()[0]
+    assert row["top"][0] == 4
+    assert row["ratio_top1_median"] == pytest.approx(100.0)
+    assert row["jaccard_prompts"] is None  # one prompt: no pairs
+
+
+def test_nonfinite_names_site_and_step():
+    acc = StatsAccumulator(SITES, steps=3, k=2)
+    acc.begin_batch(1)
+    for step in range(3):
+        for s in SITES:
+            x = torch.randn(1, 4, 6)
+            if s.module == "blocks.1" and step == 2:
+                x[0, 1, 3] = float("nan")
+            acc.update(s.module, step, x)
+    acc.end_batch()
+    with pytest.raises(MassactError, match=r"site blocks\.1, step 2"):
+        acc.result()
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(MassactError, match=r"k=7 is out of range; accepted: 1\.\.6"):
+        StatsAccumulator(SITES, steps=1, k=7)
+    with pytest.raises(MassactError, match=r"k=0"):
+        StatsAccumulator(SITES, steps=1, k=0)
+    acc = StatsAccumulator(SITES, steps=1, k=2)
+    acc.begin_batch(1)
+    with pytest.raises(MassactError, match=r"unknown site 'blocks\.9'; accepted: blocks\.0, blocks\.1"):
+        acc.update("blocks.9", 0, torch.zeros(1, 2, 6))
+    with pytest.raises(MassactError, match=r"expected image tokens \[rows, tokens, 6\]"):
+        acc.update("blocks.0", 0, torch.zeros(1, 2, 5))
+    with pytest.raises(MassactError, match="fewer transformer calls"):
+        acc.end_batch()
+    with pytest.raises(MassactError, match="unknown site 'nope'"):
+        resolve_sites(SITES, ["nope"])
+    assert resolve_sites(SITES, ["1", "blocks.0"]) == SITES
+
+
+def test_load_missing_folder_is_clear(tmp_path):
+    with pytest.raises(MassactError, match="no statistics in"):
+        ChannelStats.load(tmp_path)

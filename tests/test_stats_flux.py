@@ -1,0 +1,163 @@
+"""Statistics through nnsight on a tiny FLUX.1, against an independent plain-hook oracle."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from massact_nn.tracing.cli.main import main as cli
+from massact_nn.tracing.generation import GenerationConfig
+from massact_nn.tracing.model import load_model
+from massact_nn.tracing.stats import StatsConfig, collect_stats
+
+from massact_nn.stats import ChannelStats
+
+PROMPTS = ["a red cat", "a blue dog on the sea", "a green tree"]
+GEN = GenerationConfig(steps=3, seed=11, height=32, width=32, batch_size=2,
+                       extra={"max_sequence_length": 16})
+
+
+def _hook_oracle(pipe, prompts, gen):
+    """abs_mean / mean_abs / max_abs computed with plain forward hooks (image stream = out[1])."""
+    tr = pipe.transformer
+    names = [f"transformer_blocks.{i}" for i in range(len(tr.transformer_blocks))]
+    names += [f"single_transformer_blocks.{i}" for i in range(len(tr.single_transformer_blocks))]
+    seen = {n: [] for n in names}
+    handles = [
+        tr.get_submodule(n).register_forward_hook(
+            lambda mod, args, out, n=n: seen[n].append(out[1].detach().double().clone())
+        )
+        for n in names
+    ]
+    try:
+        for i, p in enumerate(prompts):
+            pipe(p, num_inference_steps=gen.steps, height=gen.height, width=gen.width,
+                 generator=torch.Generator().manual_seed(gen.seed + i), max_sequence_length=16,
+                 output_type="latent")
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n, xs in seen.items():
+        x = torch.cat(xs)  # [prompts*steps, tokens, channels]
+        out[n] = {
+            "abs_mean": x.mean(1).abs().mean(0),
+            "mean_abs": x.abs().mean(1).mean(0),
+            "max_abs": x.abs().amax((0, 1)),
+        }
+    return out
+
+
+def test_stats_equal_plain_hook_computation(tiny_flux):
+    stats = collect_stats(tiny_flux, PROMPTS, StatsConfig(GEN, k=3, progress=False))
+    oracle = _hook_oracle(tiny_flux.pipeline, PROMPTS, GEN)
+    assert [s.module for s in stats.sites] == list(oracle)
+    for module, ref in oracle.items():
+        for name, want in ref.items():
+            got = stats.stat(module, name).double()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} {module}")
+    assert stats.meta["prompts"] == PROMPTS and stats.meta["steps"] == 3
+
+
+def test_same_seed_same_stats_and_batching_invariance(tiny_flux):
+    a = collect_stats(tiny_flux, PROMPTS, StatsConfig(GEN, progress=False))
+    b = collect_stats(tiny_flux, PROMPTS, StatsConfig(GEN, progress=False))
+    one = GenerationConfig(**{**GEN.to_json(), "batch_size": 1})
+    c = collect_stats(tiny_flux, PROMPTS, StatsConfig(one, progress=False))
+    for key in a.tensors:
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+        torch.testing.assert_close(a.tensors[key], c.tensors[key], rtol=1e-5, atol=1e-6, msg=key)
+    other = GenerationConfig(**{**GEN.to_json(), "seed": 12})
+    d = collect_stats(tiny_flux, PROMPTS, StatsConfig(other, progress=False))
+    assert not torch.equal(a.tensors["abs_mean/transformer_blocks.0"],
+                           d.tensors["abs_mean/transformer_blocks.0"])
+
+
+def test_per_step_curves_average_to_abs_mean(tiny_flux):
+    st = collect_stats(tiny_flux, PROMPTS[:2], StatsConfig(GEN, per_step=True, progress=False))
+    for s in st.sites:
+        curve = st.stat(s.module, "per_step_abs_mean")
+        assert curve.shape == (3, s.channels)
+        torch.testing.assert_close(curve.mean(0), st.stat(s.module), rtol=1e-5, atol=1e-6)
+        # the signal changes along the trajectory, so per-step curves are not all equal
+        assert not torch.allclose(curve[0], curve[-1])
+
+
+def test_planted_channel_is_found_top1_everywhere(planted_flux_dir):
+    model = load_model(planted_flux_dir)
+    st = collect_stats(model, PROMPTS, StatsConfig(GEN, progress=False))
+    # The plant writes channel 5 in the first double block, which the residual stream carries on.
+    planted = 5
+    for row in st.summary():
+        assert row["top"][0] == planted, row
+        assert row["ratio_top1_median"] > 20
+        assert row["jaccard_prompts"] == pytest.approx(1.0) or row["top"][0] == planted
+
+
+def test_nonfinite_activation_is_reported(tiny_flux_dir):
+    model = load_model(tiny_flux_dir)
+    with torch.no_grad():
+        model.pipeline.transformer.single_transformer_blocks[0].proj_out.bias[3] = float("inf")
+    from massact_nn.errors import MassactError
+
+    where = r"non-finite activations at site single_transformer_blocks\.0, step 0"
+    with pytest.raises(MassactError, match=where):
+        collect_stats(model, PROMPTS[:1], StatsConfig(GEN, progress=False))
+
+
+def test_cli_stats_writes_run_folder(tiny_flux_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli(["stats", "--model", str(tiny_flux_dir), "--prompt", "a red cat", "--prompt", "a dog",
+                "--steps", "2", "--height", "32", "--width", "32", "--k", "3", "--per-step",
+                "--out", str(out)])
+    assert code == 0
+    meta = json.loads((out / "stats.json").read_text())
+    assert meta["prompts"] == ["a red cat", "a dog"] and meta["steps"] == 2
+    assert meta["architecture"] == "flux" and meta["versions"]["nnsight"]
+    assert [s["module"] for s in meta["sites"]][:2] == ["transformer_blocks.0", "transformer_blocks.1"]
+    st = ChannelStats.load(out)
+    assert st.has_per_step
+    assert meta["sites"][0]["top"] == st.top("transformer_blocks.0", 3).tolist()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent/folder"], "model folder '/nonexistent/folder' does not exist"),
+        (["--k", "0"], "k=0 is out of range"),
+        (["--k", "99"], "k=99 is out of range; accepted: 1..32"),
+        (["--no-prompt"], "no prompts given"),
+        (["--height", "30"], "height=30, width=32 cannot be taken by this model; accepted: positive multiples"),
+        (["--sites", "transformer_blocks.7"], "unknown site 'transformer_blocks.7'"),
+        (["--dtype", "float64"], None),
+    ],
+)
+def test_cli_bad_input_one_line(tiny_flux_dir, tmp_path, capsys, args, message):
+    base = {"--model": str(tiny_flux_dir), "--prompt": "a cat", "--height": "32", "--width": "32",
+            "--steps": "1"}
+    argv = ["stats"]
+    skip_prompt = "--no-prompt" in args
+    for flag, value in base.items():
+        if flag in args or (flag == "--prompt" and skip_prompt):
+            continue
+        argv += [flag, value]
+    argv += [a for a in args if a != "--no-prompt"] + ["--out", str(tmp_path / "o")]
+    if message is None:  # argparse rejects it (exit 2, usage line)
+        with pytest.raises(SystemExit) as e:
+            cli(argv)
+        assert e.value.code == 2
+        return
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("massact: error: ") and message in err[0], err
+
+
+def test_cli_unsupported_class(tmp_path, capsys):
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    assert cli(["sites", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unsupported transformer class 'UNet2DConditionModel'; supported: " in err
+    assert "FluxTransformer2DModel" in err

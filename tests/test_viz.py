@@ -1,0 +1,144 @@
+"""Viewers of channel statistics: figures carry the measured numbers, not just any figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from massact_nn.viz import channel_heatmap, massive_profile, stat_matrix, step_evolution
+
+from massact_nn.errors import MassactError
+from massact_nn.sites import Site
+from massact_nn.stats import STATISTICS, StatsAccumulator
+
+PLANT = {0: 7, 1: 7, 2: 3}  # layer -> planted massive channel
+
+
+def _stats(n_sites=3, channels=16, steps=3, per_step=True, seed=0, model="/m/tiny-a"):
+    g = torch.Generator().manual_seed(seed)
+    sites = [Site(i, f"transformer_blocks.{i}", channels, kind="double") for i in range(n_sites)]
+    acc = StatsAccumulator(sites, steps=steps, k=3, per_step=per_step)
+    acc.begin_batch(2)
+    for step in range(steps):
+        for s in sites:
+            h = torch.randn(2, 10, channels, generator=g)
+            # A channel whose mean grows with depth and step: a known top-1 at every site.
+            h[..., PLANT.get(s.layer, 5)] += 40.0 * (1 + s.layer) * (1 + step)
+            acc.update(s.module, step, h)
+    acc.end_batch()
+    return acc.result({"model": model, "prompts": ["a", "b"], "seed": 0})
+
+
+@pytest.fixture(scope="module")
+def stats():
+    return _stats()
+
+
+def test_heatmap_colour_is_log10_of_the_statistic_and_hover_has_raw_values(stats):
+    fig = channel_heatmap(stats)
+    heat = [t for t in fig.data if t.type == "heatmap"]
+    assert [t.name for t in heat] == list(STATISTICS)
+    for t in heat:
+        m = stats.matrix(t.name).double().numpy()
+        np.testing.assert_allclose(np.asarray(t.customdata), m, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(t.z), np.log10(m), rtol=1e-6)
+        assert "%{y}" in t.hovertemplate and "channel %{x}" in t.hovertemplate
+        assert t.name in t.hovertemplate
+    # Rows are named by module path and layer (the hover's %{y}).
+    assert list(heat[0].y) == [f"transformer_blocks.{i} · L{i}" for i in range(3)]
+    assert heat[0].visible and not heat[1].visible
+
+
+def test_heatmap_marks_the_measured_top_k(stats):
+    fig = channel_heatmap(stats, k=2)
+    markers = [t for t in fig.data if t.type == "scatter"]
+    assert len(markers) == len(STATISTICS)
+    for stat, t in zip(STATISTICS, markers):
+        for s in stats.sites:
+            label = f"{s.module} · L{s.layer}"
+            got = [int(x) for x, y in zip(t.x, t.y) if y == label]
+            assert got == stats.top(s.module, 2, stat=stat).tolist()
+    am = [t for t in markers if "abs_mean" in t.name][0]
+    first = [int(x) for x, y in zip(am.x, am.y) if y.startswith("transformer_blocks.2 ")][0]
+    assert first == PLANT[2]
+    # The dropdown shows one statistic's heatmap and markers at a time.
+    buttons = fig.layout.updatemenus[0].buttons
+    assert [b.label for b in buttons] == list(STATISTICS)
+    vis = buttons[1].args[0]["visible"]
+    assert vis == [False, False, True, True, False, False]
+
+
+def test_heatmap_rejects_unknown_statistic_and_k(stats):
+    with pytest.raises(MassactError, match="unknown statistic 'median'"):
+        channel_heatmap(stats, statistics=["median"])
+    with pytest.raises(MassactError, match="k=17"):
+        channel_heatmap(stats, k=17)
+
+
+def test_stat_matrix_pads_sites_of_different_width():
+    sites = [Site(0, "a.0", 4), Site(1, "b.0", 6)]
+    acc = StatsAccumulator(sites, steps=1, k=2)
+    acc.begin_batch(1)
+    for s in sites:
+        acc.update(s.module, 0, torch.ones(1, 3, s.channels))
+    acc.end_batch()
+    m = stat_matrix(acc.result())
+    assert m.shape == (2, 6) and np.isnan(m[0, 4:]).all() and (m[1] == 1).all()
+
+
+def test_profile_shows_top_three_and_median(stats):
+    fig = massive_profile(stats)
+    names = [t.name for t in fig.data]
+    assert names == ["top-1", "top-2", "top-3", "median"]
+    for r in range(3):
+        t = fig.data[r]
+        for i, s in enumerate(stats.sites):
+            v = stats.stat(s.module).double()
+            order = torch.sort(v, descending=True).indices
+            assert int(t.customdata[i][1]) == int(order[r])  # hover names the channel
+            assert t.y[i] == pytest.approx(float(v[order[r]]), rel=1e-6)
+            assert t.text[i] == s.module
+    assert [int(c[1]) for c in fig.data[0].customdata] == [PLANT[0], PLANT[1], PLANT[2]]
+    med = [float(np.median(stats.stat(s.module).double().numpy())) for s in stats.sites]
+    assert list(fig.data[3].y) == pytest.approx(med, rel=1e-6)
+    assert fig.layout.yaxis.type == "log"
+    assert list(fig.data[0].x) == [0, 1, 2]
+
+
+def test_profile_overlays_runs_on_normalised_depth(stats):
+    other = _stats(n_sites=5, seed=1, model="/m/tiny-b")
+    fig = massive_profile([stats, other])
+    assert len(fig.data) == 8
+    a, b = fig.data[0], fig.data[4]
+    assert list(a.x) == pytest.approx([0, 0.5, 1])
+    assert list(b.x) == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+    assert a.name == "tiny-a top-1" and b.name == "tiny-b top-1"
+    assert a.line.color != b.line.color
+    assert "tiny-b" in b.hovertemplate
+    with pytest.raises(MassactError, match="labels has 1 names for 2 runs"):
+        massive_profile([stats, other], labels=["x"])
+
+
+def test_step_evolution_plots_per_step_curves_with_a_site_slider(stats):
+    fig = step_evolution(stats, n_channels=2)
+    assert len(fig.layout.sliders[0].steps) == 3
+    per_site = 3  # two channels + the median
+    assert len(fig.data) == 3 * per_site
+    for i, s in enumerate(stats.sites):
+        curves = stats.stat(s.module, "per_step_abs_mean").double().numpy()
+        top = stats.top(s.module, 2).tolist()
+        traces = fig.data[i * per_site:(i + 1) * per_site]
+        assert [t.name for t in traces[:2]] == [f"channel {c}" for c in top]
+        for t, c in zip(traces, top):
+            np.testing.assert_allclose(np.asarray(t.customdata), curves[:, c], rtol=1e-6)
+            assert s.module in t.hovertemplate
+        vis = fig.layout.sliders[0].steps[i].args[0]["visible"]
+        assert [j for j, v in enumerate(vis) if v] == list(range(i * per_site, (i + 1) * per_site))
+    # The planted channel grows with the step.
+    t0 = fig.data[0]
+    assert t0.name == f"channel {PLANT[0]}" and np.all(np.diff(np.asarray(t0.customdata)) > 0)
+
+
+def test_step_evolution_needs_per_step():
+    with pytest.raises(MassactError, match="per_step=True"):
+        step_evolution(_stats(per_step=False))

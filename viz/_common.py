@@ -1,0 +1,109 @@
+"""Shared helpers of the viewers: colours, log-scale ticks, numbers for hover text, inline PNGs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: Distinct colours (Plotly's D3 palette) for runs and ranks.
+PALETTE: tuple[str, ...] = (
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
+    "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
+)
+
+#: Smallest value drawn on a log axis: zeros (e.g. a zeroed channel) would otherwise vanish.
+LOG_FLOOR = 1e-6
+
+FONT = dict(family="Inter, Helvetica, Arial, sans-serif", size=13)
+
+
+def as_numpy(x: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
+    """A float64 numpy copy of a tensor or array (NaN kept)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def log10_floor(x: np.ndarray) -> np.ndarray:
+    """``log10(max(x, LOG_FLOOR))`` with NaN kept (NaN marks padding, drawn blank)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isnan(x), np.nan, np.log10(np.maximum(x, LOG_FLOOR)))
+
+
+def log_colorbar(zmin: float, zmax: float, title: str) -> dict:
+    """A colour bar for ``log10`` values labelled with the raw values (1, 10, 100, ...)."""
+    lo, hi = math.floor(zmin), math.ceil(zmax)
+    if hi - lo > 8:  # keep at most ~8 labels readable
+        step = math.ceil((hi - lo) / 8)
+    else:
+        step = 1
+    vals = list(range(lo, hi + 1, step))
+    return dict(
+        title=dict(text=title, side="right"),
+        tickvals=vals,
+        ticktext=[fmt(10.0**v) for v in vals],
+        thickness=14,
+    )
+
+
+def fmt(v: float) -> str:
+    """A number short enough for a hover box or a table cell (3 significant digits)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    v = float(v)
+    if v == 0:
+        return "0"
+    if 1e-3 <= abs(v) < 1e5:
+        return f"{v:.4g}"
+    return f"{v:.3g}"
+
+
+def png_data_uri(source: str | Path | bytes | np.ndarray) -> str:
+    """An image as a ``data:image/png;base64,...`` URI, for self-contained HTML and figures.
+
+    Args:
+        source: A PNG path, PNG bytes, or an image array (uint8, or float in [0, 1]).
+
+    Shapes:
+        source (array): [H, W] or [H, W, 3|4].
+    """
+    if isinstance(source, np.ndarray):
+        from PIL import Image
+
+        a = source
+        if a.dtype != np.uint8:
+            a = (np.clip(a, 0.0, 1.0) * 255).round().astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        data = buf.getvalue()
+    elif isinstance(source, bytes):
+        data = source
+    else:
+        data = Path(source).read_bytes()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def run_label(meta: dict, fallback: str) -> str:
+    """A short label for a run: its model's folder name (``toy`` stays ``toy``)."""
+    model = str(meta.get("model") or "").rstrip("/")
+    return Path(model).name if model else fallback
+
+
+def log_axis(values: np.ndarray, title: str) -> dict:
+    """A log y axis; one labelled tick per decade when the data span two decades or more.
+
+    Plotly otherwise labels the minor ticks (2, 5, 2, 5, ...) of a wide log axis, which reads as
+    noise next to the decade labels.
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    axis: dict = dict(title=title, type="log", exponentformat="power")
+    if v.size and np.log10(v.max() / v.min()) >= 1.5:
+        axis["dtick"] = 1
+    return axis

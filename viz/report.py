@@ -1,0 +1,173 @@
+"""The self-contained HTML report: every figure, table and image the given run folders support.
+
+Run folders are recognised by the files in them (``stats.json`` + ``stats.safetensors`` for
+statistics; ``metrics.json`` / ``meta.json`` and PNGs for probe runs). A folder with none of those
+but with run folders inside it (e.g. the output of ``massact demo``) is expanded one level.
+"""
+
+from __future__ import annotations
+
+import html as _html
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from massact_nn._io import load_json
+from massact_nn.errors import MassactError
+from massact_nn.stats import ChannelStats
+
+from . import html as H
+from .probes import probe_sections
+from .stats import channel_heatmap, massive_profile, step_evolution
+
+META_KEYS = ("model", "architecture", "transformer_class", "versions", "prompts", "seed", "steps",
+             "height", "width", "guidance_scale", "dtype", "device", "k")
+
+
+@dataclass
+class Run:
+    """One recognised run folder."""
+
+    path: Path
+    kind: str  # "stats" | "probe"
+    meta: dict = field(default_factory=dict)
+
+
+def is_stats_run(folder: Path) -> bool:
+    """Whether ``folder`` holds saved :class:`ChannelStats`."""
+    return (folder / "stats.json").is_file() and (folder / "stats.safetensors").is_file()
+
+
+def is_probe_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a probe run (``metrics.json`` or ``meta.json``)."""
+    return (folder / "metrics.json").is_file() or (folder / "meta.json").is_file()
+
+
+def find_runs(folders: Sequence[str | Path]) -> list[Run]:
+    """Recognise run folders (expanding a folder of run folders one level), in the given order.
+
+    Raises:
+        MassactError: for a folder that does not exist or holds no run.
+    """
+    runs: list[Run] = []
+    for f in folders:
+        p = Path(f)
+        if not p.is_dir():
+            raise MassactError(
+                f"run folder {str(f)!r} does not exist; accepted: folders written by "
+                "`massact stats/disrupt/segment/transport --out DIR`"
+            )
+        found = _classify(p)
+        if found is None:
+            subs = [c for c in sorted(p.iterdir()) if c.is_dir() and _classify(c) is not None]
+            if not subs:
+                raise MassactError(
+                    f"no results in {str(f)!r}; expected stats.json + stats.safetensors, or a "
+                    "probe's metrics.json, in it or in its sub-folders"
+                )
+            runs += [_classify(c) for c in subs]  # type: ignore[misc]
+        else:
+            runs.append(found)
+    return runs
+
+
+def _classify(p: Path) -> Run | None:
+    if is_stats_run(p):
+        return Run(p, "stats", load_json(p / "stats.json"))
+    if is_probe_run(p):
+        meta = load_json(p / "meta.json") if (p / "meta.json").is_file() else {}
+        return Run(p, "probe", meta)
+    return None
+
+
+def _anchor(i: int, run: Run) -> str:
+    return f"run-{i}-{run.path.name}".replace(" ", "-")
+
+
+def stats_section(run: Run, anchor: str) -> list[str]:
+    """Heatmap, profile, per-step evolution and the per-site table of one statistics run."""
+    stats = ChannelStats.load(run.path)
+    out = [H.heading(2, f"Channel statistics · {run.path.name}", anchor),
+           H.paragraph(f"{len(stats.sites)} sites, {len(stats.meta.get('prompts', []))} prompts, "
+                       f"{stats.meta.get('steps')} steps. Folder: {run.path}")]
+    out.append(H.heading(3, "Massive-activation profile"))
+    out.append(H.paragraph("Top-1, top-2, top-3 and median channel per layer; a massive channel "
+                           "sits orders of magnitude above the median."))
+    out.append(H.figure(massive_profile(stats)))
+    out.append(H.heading(3, "Channels × layers"))
+    out.append(H.paragraph("Log colour scale; circles mark each layer's top-k channels. The "
+                           "dropdown switches the statistic."))
+    out.append(H.figure(channel_heatmap(stats)))
+    if stats.has_per_step:
+        out.append(H.heading(3, "Per-step evolution of the top channels"))
+        out.append(H.paragraph("The slider picks the site (layer)."))
+        out.append(H.figure(step_evolution(stats)))
+    out.append(H.heading(3, "Per-site summary"))
+    rows = stats.summary()
+    out.append(H.table(rows, ["layer", "module", "kind", "channels", "top", "ratio_top1_median",
+                              "ratio_top1_median_mean_abs", "jaccard_prompts", "jaccard_steps"]))
+    out.append(H.heading(3, "Run metadata"))
+    out.append(H.metadata({k: v for k, v in stats.meta.items()}, META_KEYS))
+    return out
+
+
+def build_report(folders: Sequence[str | Path], out: str | Path, title: str | None = None) -> Path:
+    """Write one self-contained HTML report of the given run folders (atomically).
+
+    Args:
+        folders: Run folders (statistics or probe runs), or folders of run folders.
+        out: The HTML file to write.
+        title: Page title (default: "massact-nn report").
+
+    Returns:
+        The written path.
+    """
+    runs = find_runs(folders)
+    title = title or "massact-nn report"
+    body = [H.heading(1, title),
+            H.paragraph(f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from "
+                        f"{len(runs)} run folder(s). Hover over any figure for site, layer, "
+                        "channel and value.")]
+    toc = []
+    sections: list[str] = []
+    stats_runs = [r for r in runs if r.kind == "stats"]
+    if len(stats_runs) > 1:
+        toc.append(("compare", "Profiles compared (normalised depth)"))
+        loaded = [ChannelStats.load(r.path) for r in stats_runs]
+        labels = [f"{r.path.name} ({Path(str(r.meta.get('model', '?'))).name})" for r in stats_runs]
+        sections += [H.heading(2, "Profiles compared (normalised depth)", "compare"),
+                     H.figure(massive_profile(loaded, labels=labels, normalized_depth=True))]
+    for i, run in enumerate(runs):
+        anchor = _anchor(i, run)
+        if run.kind == "stats":
+            toc.append((anchor, f"Statistics · {run.path.name}"))
+            sections += stats_section(run, anchor)
+        else:
+            name, parts = probe_sections(run.path, run.meta, anchor)
+            toc.append((anchor, name))
+            sections += parts
+    nav = "<nav><ul>" + "".join(
+        f'<li><a href="#{_html.escape(a)}">{_html.escape(t)}</a></li>' for a, t in toc
+    ) + "</ul></nav>"
+    text = H.page(title, body + [nav] + sections)
+    return write_text_atomic(out, text)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write text to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a shared report unreadable to others
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

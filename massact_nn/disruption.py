@@ -1,0 +1,134 @@
+"""Disruption of chosen channels (zero / mean / scale) and its result type. Pure tensor math."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ._io import load_json, load_tensors, save_json, save_tensors
+from .errors import MassactError, choice_error
+
+MODES = ("zero", "mean", "token_mean", "scale")
+"""``zero``: set to 0. ``mean``: set to the channel's dataset mean from the statistics run (the
+run stores ``abs_mean`` = mean over samples of |mean over tokens|, a magnitude: the sign is the
+sample's own token-mean sign, which for massive channels is the same in every sample).
+``token_mean``: set to the sample's own mean over image tokens at that step (removes the spatial
+pattern, keeps the magnitude). ``scale``: multiply by ``alpha``."""
+
+
+def ablate(
+    h: torch.Tensor,
+    channels: torch.Tensor,
+    mode: str = "zero",
+    alpha: float = 0.0,
+    values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A new tensor with ``channels`` of every image token replaced by the chosen mode.
+
+    Channels are indexed with one tensor (no per-channel loop) and the input is never edited in
+    place (nnsight invokes and Flux single blocks hand out views and copies).
+
+    Args:
+        h: Image-stream tokens.
+        channels: Channel ids to disrupt (may be empty: returns ``h`` unchanged).
+        mode: One of :data:`MODES`.
+        alpha: Factor of ``scale`` mode.
+        values: ``mean`` mode's magnitudes per chosen channel (``abs_mean`` of a statistics
+            run); each row's sign is that of its own mean over tokens.
+
+    Shapes:
+        h: [rows, tokens, channels]; channels: [k]; values: [k] or [rows, k] -> [rows, tokens, channels].
+    """
+    if mode not in MODES:
+        raise choice_error("disruption mode", mode, MODES)
+    if h.ndim != 3:
+        raise MassactError(f"expected image tokens [rows, tokens, channels], got {tuple(h.shape)}")
+    if channels.numel() == 0:
+        return h
+    ch = channels.to(h.device).long()
+    if int(ch.max()) >= h.shape[-1] or int(ch.min()) < 0:
+        raise MassactError(f"channel ids {ch.tolist()} out of range; accepted: 0..{h.shape[-1] - 1}")
+    sel = h.index_select(-1, ch)  # [rows, tokens, k]
+    if mode == "zero":
+        new = torch.zeros_like(sel)
+    elif mode == "scale":
+        new = sel * alpha
+    elif mode == "token_mean":
+        new = sel.mean(1, keepdim=True).expand_as(sel)
+    else:
+        if values is None:
+            raise MassactError("mode 'mean' needs per-channel values (from a statistics run)")
+        v = values.to(h.device, h.dtype)
+        v = v.view(1, 1, -1) if v.ndim == 1 else v[:, None, :]
+        sign = torch.where(sel.mean(1, keepdim=True) < 0, -1.0, 1.0).to(h.dtype)
+        new = (sign * v.abs()).expand_as(sel)
+    out = h.clone()
+    out[..., ch] = new.to(h.dtype)
+    return out
+
+
+@dataclass
+class DisruptionResult:
+    """Images and metrics of one disruption experiment over several channel sets.
+
+    Attributes:
+        images: Per set name (``none`` = undisturbed baseline, ``top_k4``, ``low_k4``,
+            ``random0_k4``, ...), the generated images. Shapes: [prompts, 3, H, W] in [0, 1].
+        channels: Per set name, per site module path, the disrupted channel ids. Shapes: [k].
+        metrics: Per set name, metric name -> value (means over prompts) and ``per_image`` lists.
+        meta: Model, versions, prompts, seeds, steps, sites, mode, alpha, stats folder.
+    """
+
+    images: dict[str, torch.Tensor]
+    channels: dict[str, dict[str, torch.Tensor]]
+    metrics: dict[str, dict] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def sets(self) -> list[str]:
+        """Set names in the order they were run."""
+        return list(self.images)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat tensor dict for safetensors (``images/<set>``, ``channels/<set>/<module>``)."""
+        t = {f"images/{s}": x for s, x in self.images.items()}
+        for s, per_site in self.channels.items():
+            for module, ch in per_site.items():
+                t[f"channels/{s}/{module}"] = ch.long()
+        return t
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``result.safetensors``, ``metrics.json`` and ``meta.json`` (atomically)."""
+        folder = Path(folder)
+        save_tensors(folder / "result.safetensors", self.tensors())
+        save_json(folder / "metrics.json", self.metrics)
+        save_json(folder / "meta.json", {**self.meta, "kind": "disruption", "set_order": self.sets})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> DisruptionResult:
+        """Read a run folder written by :meth:`save`."""
+        folder = Path(folder)
+        meta = _read_meta(folder, "disruption")
+        t = load_tensors(folder / "result.safetensors")
+        order = meta.pop("set_order")
+        images = {s: t[f"images/{s}"] for s in order}
+        channels: dict[str, dict[str, torch.Tensor]] = {s: {} for s in order}
+        for key, v in t.items():
+            if key.startswith("channels/"):
+                _, s, module = key.split("/", 2)
+                channels[s][module] = v
+        meta.pop("kind", None)
+        return cls(images=images, channels=channels, metrics=load_json(folder / "metrics.json"), meta=meta)
+
+
+def _read_meta(folder: Path, kind: str) -> dict:
+    for name in ("meta.json", "metrics.json", "result.safetensors"):
+        if not (folder / name).is_file():
+            raise MassactError(f"no {kind} result in {str(folder)!r} (missing {name})")
+    meta = load_json(folder / "meta.json")
+    if meta.get("kind") != kind:
+        raise MassactError(f"{str(folder)!r} holds a {meta.get('kind')!r} result; expected {kind!r}")
+    return meta

@@ -1,0 +1,135 @@
+"""Images as tensors and PNG files: conversion, grids and token-grid masks (PIL only).
+
+Convention everywhere in the probes: an image is a float tensor ``[3, H, W]`` in ``[0, 1]`` (what
+a diffusers pipeline returns with ``output_type="pt"``), a batch is ``[n, 3, H, W]``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ._io import _atomic
+from .errors import MassactError
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """One image to an RGB (or, for ``[H, W]``, greyscale) PIL image.
+
+    Shapes:
+        image: [3, H, W] or [H, W], values in [0, 1] (clamped; bool masks become 0/255).
+    """
+    x = image.detach().to("cpu")
+    if x.dtype == torch.bool:
+        x = x.float()
+    arr = (x.float().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+    if arr.ndim == 2:
+        return Image.fromarray(arr, mode="L")
+    if arr.ndim != 3 or arr.shape[0] != 3:
+        raise MassactError(f"cannot turn a tensor of shape {tuple(image.shape)} into an image; "
+                           "accepted: [3, H, W] or [H, W]")
+    return Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0)), mode="RGB")
+
+
+def from_pil(img: Image.Image) -> torch.Tensor:
+    """A PIL image to a float RGB tensor.
+
+    Shapes:
+        -> [3, H, W] in [0, 1].
+    """
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def load_png(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Read an image file as RGB, optionally resized to ``size = (height, width)`` (bicubic).
+
+    Shapes:
+        -> [3, H, W] in [0, 1].
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise MassactError(f"image file {str(path)!r} does not exist; accepted: a PNG/JPEG path")
+    with Image.open(p) as img:
+        img = img.convert("RGB")
+        if size is not None and (img.height, img.width) != tuple(size):
+            img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        return from_pil(img)
+
+
+def save_png(path: str | Path, image: torch.Tensor) -> Path:
+    """Write one image (or a greyscale/bool map) as PNG, atomically.
+
+    Shapes:
+        image: [3, H, W] or [H, W].
+    """
+    p = Path(path)
+    pil = to_pil(image)
+    _atomic(p, lambda tmp: pil.save(tmp, format="PNG"))
+    return p
+
+
+def grid(images: torch.Tensor, ncols: int | None = None, pad: int = 1, value: float = 1.0) -> torch.Tensor:
+    """Tile a batch of images into one image, row-major, with ``pad`` pixels between tiles.
+
+    Shapes:
+        images: [n, 3, H, W] -> [3, rows * (H + pad) - pad, ncols * (W + pad) - pad].
+    """
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise MassactError(f"grid expects a non-empty batch [n, 3, H, W], got {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    out = torch.full((c, nrows * (h + pad) - pad, ncols * (w + pad) - pad), value, dtype=images.dtype)
+    for i in range(n):
+        r, q = divmod(i, ncols)
+        out[:, r * (h + pad): r * (h + pad) + h, q * (w + pad): q * (w + pad) + w] = images[i].cpu()
+    return out
+
+
+def mask_from_png(path: str | Path, grid_shape: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
+    """A user-drawn mask (white = inside) resized to a token grid.
+
+    The image is converted to greyscale, area-averaged onto the grid and thresholded, so a token
+    is inside when at least ``threshold`` of its pixels are.
+
+    Shapes:
+        -> [rows, cols] bool.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise MassactError(f"mask file {str(path)!r} does not exist; accepted: a PNG path")
+    rows, cols = grid_shape
+    with Image.open(p) as img:
+        g = img.convert("L").resize((cols, rows), Image.Resampling.BOX)
+        arr = np.asarray(g, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr >= threshold)
+
+
+def upsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A token-grid mask to pixel resolution by nearest neighbour (each token a block).
+
+    Shapes:
+        mask: [rows, cols] bool -> [H, W] bool, with H, W multiples of rows, cols.
+    """
+    rows, cols = mask.shape
+    h, w = size
+    if h % rows or w % cols:
+        raise MassactError(f"image size {h}x{w} is not a multiple of the token grid {rows}x{cols}")
+    return mask.bool().repeat_interleave(h // rows, 0).repeat_interleave(w // cols, 1)
+
+
+def overlay(image: torch.Tensor, mask: torch.Tensor, colour: tuple[float, float, float] = (1.0, 0.0, 0.0),
+            strength: float = 0.45) -> torch.Tensor:
+    """The image tinted by ``colour`` where the pixel mask is true.
+
+    Shapes:
+        image: [3, H, W]; mask: [H, W] bool -> [3, H, W].
+    """
+    c = torch.tensor(colour, dtype=image.dtype).view(3, 1, 1)
+    m = mask.to(image.dtype)[None] * strength
+    return image * (1 - m) + c * m

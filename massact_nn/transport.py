@@ -1,0 +1,180 @@
+"""Transport of channels between trajectories under a joint mask ``M = p mᵀ``, and its result.
+
+``X_t ← X_t (1 − αM) + X_s αM``, with ``p`` a token mask (which image tokens) and ``m`` a channel
+mask (which channels). ``α = 1`` is hard replacement, ``α = 0`` leaves the target untouched.
+Pure tensor math: no nnsight, no diffusers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ._io import load_json, load_tensors, save_json, save_tensors
+from .disruption import _read_meta
+from .errors import MassactError
+
+
+def channel_mask(channels: torch.Tensor, width: int) -> torch.Tensor:
+    """A boolean channel mask from channel ids.
+
+    Shapes:
+        channels: [k] -> [width] bool.
+    """
+    ch = channels.long().flatten()
+    if ch.numel() and (int(ch.max()) >= width or int(ch.min()) < 0):
+        raise MassactError(f"channel ids {ch.tolist()} out of range; accepted: 0..{width - 1}")
+    m = torch.zeros(width, dtype=torch.bool)
+    m[ch] = True
+    return m
+
+
+def token_mask(mask: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """A flat token mask from a token-grid mask (row-major, the order DiTs pack tokens in).
+
+    Shapes:
+        mask: [rows, cols] or [tokens] bool -> [tokens] bool.
+    """
+    p = mask.bool().flatten()
+    if p.numel() != n_tokens:
+        raise MassactError(
+            f"token mask of shape {tuple(mask.shape)} has {p.numel()} tokens; the image stream has "
+            f"{n_tokens}; accepted: a mask on the model's token grid"
+        )
+    return p
+
+
+def joint_mask(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``M = p mᵀ``: true where the token is in ``p`` and the channel in ``m``.
+
+    Shapes:
+        p: [tokens] bool; m: [channels] bool -> [tokens, channels] bool.
+    """
+    if p.ndim != 1 or m.ndim != 1:
+        raise MassactError(f"p and m must be 1-D masks, got {tuple(p.shape)} and {tuple(m.shape)}")
+    return p.bool()[:, None] & m.bool()[None, :]
+
+
+def blend(target: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``target (1 − αM) + source αM`` as a new tensor (inputs are never edited).
+
+    With ``α = 1`` the masked entries are copied exactly (no arithmetic), so a full transport is
+    bit-exact; elsewhere ``target`` is returned untouched.
+
+    Shapes:
+        target, source: [rows, tokens, channels]; mask: [tokens, channels] bool -> like target.
+    """
+    if target.shape != source.shape:
+        raise MassactError(f"source and target image streams differ in shape: {tuple(source.shape)} "
+                           f"vs {tuple(target.shape)}; accepted: the same size, seed layout and model")
+    if mask.shape != target.shape[1:]:
+        raise MassactError(f"joint mask shape {tuple(mask.shape)} does not match the image stream "
+                           f"{tuple(target.shape)}; accepted: [tokens, channels] = {tuple(target.shape[1:])}")
+    check_alpha(alpha)
+    m = mask.to(target.device)
+    if alpha == 1.0:
+        return torch.where(m, source, target)
+    mixed = target * (1 - alpha) + source.to(target.dtype) * alpha
+    return torch.where(m, mixed, target)
+
+
+def gather(h: torch.Tensor, tokens: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """Only the masked entries of an image stream (what a two-pass transport stores).
+
+    Shapes:
+        h: [rows, tokens, channels]; tokens: [n_p] ids; channels: [k] ids -> [rows, n_p, k].
+    """
+    dev = h.device
+    return h.index_select(1, tokens.to(dev)).index_select(2, channels.to(dev))
+
+
+def scatter_blend(
+    target: torch.Tensor,
+    stored: torch.Tensor,
+    tokens: torch.Tensor,
+    channels: torch.Tensor,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """Inject stored entries (from :func:`gather`) into a new copy of ``target``.
+
+    Equals ``blend(target, source, joint_mask(p, m), alpha)`` where ``stored = gather(source, ...)``.
+
+    Shapes:
+        target: [rows, tokens, channels]; stored: [rows, n_p, k] -> like target.
+    """
+    rows, n_p, k = stored.shape
+    if rows != target.shape[0] or n_p != tokens.numel() or k != channels.numel():
+        raise MassactError(f"stored source entries {tuple(stored.shape)} do not fit the target "
+                           f"{tuple(target.shape)} with {tokens.numel()} tokens x "
+                           f"{channels.numel()} channels")
+    check_alpha(alpha)
+    dev = target.device
+    ti, ci = tokens.to(dev)[:, None], channels.to(dev)[None, :]
+    cur = target[:, ti, ci]
+    src = stored.to(dev, target.dtype)
+    new = src if alpha == 1.0 else cur * (1 - alpha) + src * alpha
+    out = target.clone()
+    out[:, ti, ci] = new
+    return out
+
+
+def check_alpha(alpha: float) -> float:
+    """Check ``0 <= alpha <= 1``."""
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise MassactError(f"alpha={alpha!r} is out of range; accepted: 0..1")
+    return float(alpha)
+
+
+@dataclass
+class TransportResult:
+    """One transport: source, target and result images, the masks, and metrics.
+
+    Attributes:
+        source: Source image(s) (generated, or the real image's reconstruction). Shapes: [n, 3, H, W].
+        target: Target without transport. Shapes: [n, 3, H, W].
+        result: Target with transport. Shapes: [n, 3, H, W].
+        token_mask: Token mask ``p`` on the token grid. Shapes: [rows, cols] bool.
+        channels: Per site module path, the transported channel ids ``m``. Shapes: [k].
+        metrics: Distances of result to source and to target, inside/outside ``p``, judge readings.
+        meta: Model, versions, prompts, seed, steps, sites, mode, alpha, stored bytes.
+    """
+
+    source: torch.Tensor
+    target: torch.Tensor
+    result: torch.Tensor
+    token_mask: torch.Tensor
+    channels: dict[str, torch.Tensor]
+    metrics: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat tensor dict for safetensors."""
+        t = {"source": self.source, "target": self.target, "result": self.result,
+             "token_mask": self.token_mask.bool()}
+        t.update({f"channels/{m}": c.long() for m, c in self.channels.items()})
+        return t
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``result.safetensors``, ``metrics.json`` and ``meta.json`` (atomically)."""
+        folder = Path(folder)
+        save_tensors(folder / "result.safetensors", self.tensors())
+        save_json(folder / "metrics.json", self.metrics)
+        meta = {**self.meta, "kind": "transport", "channel_sites": list(self.channels)}
+        save_json(folder / "meta.json", meta)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TransportResult:
+        """Read a run folder written by :meth:`save`."""
+        folder = Path(folder)
+        meta = _read_meta(folder, "transport")
+        t = load_tensors(folder / "result.safetensors")
+        order = meta.pop("channel_sites")
+        meta.pop("kind", None)
+        return cls(
+            source=t["source"], target=t["target"], result=t["result"], token_mask=t["token_mask"],
+            channels={m: t[f"channels/{m}"] for m in order},
+            metrics=load_json(folder / "metrics.json"), meta=meta,
+        )

@@ -1,0 +1,243 @@
+"""Disruption probe (functional criticality): zero / mean / scale chosen channels, with controls.
+
+Every channel set (top-k, lowest-k, random-k draws, none) is one batched generation of the same
+prompts with the same per-prompt generators, so the images differ only by the intervention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from massact_nn.disruption import MODES, DisruptionResult, ablate
+from massact_nn.errors import MassactError, check_k, choice_error
+from massact_nn.images import grid, save_png
+from massact_nn.metrics import mse, psnr, summarise
+from massact_nn.selection import CONTROLS
+from massact_nn.stats import ChannelStats
+
+from ..adapters import read_image, write_image
+from ..generation import GenerationConfig, batches
+from .common import (
+    Plan,
+    UserMetric,
+    channel_sets,
+    find_judge,
+    judge_scores,
+    load_stats,
+    make_plan,
+    probe_meta,
+    write_pngs,
+)
+
+
+@dataclass
+class DisruptionConfig:
+    """What to disrupt, where, and how.
+
+    Attributes:
+        generation: Trajectory settings (steps, seed, size, guidance, batch size).
+        k: Channels per set, or several k (one set of every control per k).
+        controls: Channel sets besides the undisturbed baseline: ``top``, ``low``, ``random``.
+        random_draws: Draws of ``random`` (draw d uses channel seed ``channel_seed + d``).
+        channel_seed: Seed of the random channel draws.
+        mode: ``zero``, ``mean`` (the statistics' channel mean), ``token_mean`` or ``scale``.
+        alpha: Factor of ``scale`` mode.
+        sites: Module paths or layer indices (``None``: every site).
+        steps: Denoising steps to intervene at (``"a:b"``, a list, or ``None`` for all).
+        user_metric: ``(images, prompts) -> dict`` run on every set's images.
+        judge: Score images with the toy's judge when the model folder ships one.
+        progress: Show a tqdm bar over generations.
+    """
+
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    k: int | Sequence[int] = 4
+    controls: Sequence[str] = ("top", "low", "random")
+    random_draws: int = 3
+    channel_seed: int = 0
+    mode: str = "zero"
+    alpha: float = 0.0
+    sites: Sequence[str | int] | None = None
+    steps: str | Sequence[int] | None = None
+    user_metric: UserMetric | None = None
+    judge: bool = True
+    progress: bool = True
+
+
+def disrupt_output(
+    layout: str, out: Any, n_img: int, channels: torch.Tensor, mode: str = "zero",
+    alpha: float = 0.0, values: torch.Tensor | None = None,
+) -> Any:
+    """A block's output with the chosen image-stream channels disrupted (a new object).
+
+    Use it inside your own trace: ``blk.output = disrupt_output(layout, blk.output, n_img, ch)``.
+    Every row is edited (under batched CFG both the unconditional and conditional rows).
+
+    Shapes:
+        channels: [k]; values: [k] (``mean`` mode).
+    """
+    h = read_image(layout, out, n_img)
+    return write_image(layout, out, ablate(h, channels, mode, alpha, values), n_img)
+
+
+def generate_images(
+    model: Any,
+    plan: Plan,
+    prompts: Sequence[str],
+    edit: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None,
+    mode: str = "zero",
+    alpha: float = 0.0,
+    bar: Any = None,
+) -> torch.Tensor:
+    """Generate ``prompts`` with per-site channel edits at the plan's steps (``None``: no edit).
+
+    Args:
+        model: An nnsight ``DiffusionModel``.
+        plan: Resolved sites, steps and schedule.
+        prompts: Prompt i uses seed ``seed + i``.
+        edit: Per site module path, ``(channels, mean values or None)``.
+        mode: Disruption mode.
+        alpha: Factor of ``scale`` mode.
+        bar: Optional tqdm bar advanced once per batch.
+
+    Shapes:
+        -> [prompts, 3, H, W] in [0, 1].
+    """
+    device = model.pipeline.transformer.device
+    edit = {m: e for m, e in (edit or {}).items() if e[0].numel()}
+    sites = [s for s in plan.sites if s.module in edit]
+    blocks = {s.module: model.transformer.get(s.module) for s in sites}
+    n_calls = max((c.index for c in plan.schedule if plan.active(c)), default=-1) + 1
+    chunks = []
+    for first, chunk in batches(list(prompts), plan.gen.batch_size):
+        with model.generate(chunk, **plan.kwargs(len(chunk), first, device)) as tracer:
+            if sites and n_calls:
+                for i in tracer.iter[:n_calls]:
+                    if not plan.active(plan.schedule[i]):
+                        continue
+                    for s in sites:
+                        ch, vals = edit[s.module]
+                        blk = blocks[s.module]
+                        blk.output = disrupt_output(plan.layouts[s.module], blk.output, plan.n_img,
+                                                    ch, mode, alpha, vals)
+            res = tracer.result.save()
+        chunks.append(res[0].float().cpu())
+        if bar is not None:
+            bar.update(1)
+    return torch.cat(chunks)
+
+
+def _set_names(ks: list[int], controls: Sequence[str], draws: int) -> list[tuple[str, str, int, int]]:
+    out = [("none", "none", 0, 0)]
+    for k in ks:
+        for c in controls:
+            if c == "random":
+                out += [(f"random{d}_k{k}", "random", k, d) for d in range(draws)]
+            elif c != "none":
+                out.append((f"{c}_k{k}", c, k, 0))
+    return out
+
+
+def disrupt(
+    model: Any, prompts: Sequence[str], stats: ChannelStats | str | Path,
+    config: DisruptionConfig | None = None,
+) -> DisruptionResult:
+    """Generate ``prompts`` undisturbed and with each channel set disrupted; compare.
+
+    Args:
+        model: An nnsight ``DiffusionModel``.
+        prompts: Prompt i uses seed ``seed + i`` in every set.
+        stats: A :class:`ChannelStats` or its run folder (channel sets and ``mean`` values).
+        config: What to disrupt.
+
+    Returns:
+        A :class:`DisruptionResult`; ``metrics["sets"][name]`` holds MSE/PSNR to the baseline
+        (means and ``per_image``), the judge's accuracy on the toy, and the user metric;
+        ``metrics["summary"]`` one row per (control, k) with random draws averaged.
+    """
+    config = config or DisruptionConfig()
+    prompts = list(prompts)
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise MassactError("no prompts (or an empty one) given; accepted: one or more non-empty prompts")
+    if config.mode not in MODES:
+        raise choice_error("disruption mode", config.mode, MODES)
+    for c in config.controls:
+        if c not in CONTROLS:
+            raise choice_error("control", c, CONTROLS)
+    if config.random_draws < 1:
+        raise MassactError(f"random_draws={config.random_draws} is out of range; accepted: >= 1")
+    st = load_stats(stats)
+    plan = make_plan(model, config.generation, config.sites, config.steps)
+    ks = [config.k] if isinstance(config.k, int) else list(config.k)
+    for k in ks:
+        for s in plan.sites:
+            check_k(k, s.channels)
+    names = _set_names(ks, config.controls, config.random_draws)
+    sets = {name: channel_sets(st, plan.sites, c, k or 1, seed=config.channel_seed + d) if c != "none" else {}
+            for name, c, k, d in names}
+    judge = find_judge(model) if config.judge else None
+    n_batches = -(-len(prompts) // plan.gen.batch_size)
+    bar = tqdm(total=len(names) * n_batches, desc="disrupt", unit="gen", disable=not config.progress)
+    images: dict[str, torch.Tensor] = {}
+    for name, *_ in names:
+        edit = {m: (ch, st.stat(m, "abs_mean")[ch] if config.mode == "mean" else None)
+                for m, ch in sets[name].items()}
+        images[name] = generate_images(model, plan, prompts, edit, config.mode, config.alpha, bar)
+    bar.close()
+    metrics = _metrics(images, names, prompts, judge, config)
+    meta = probe_meta(model, plan, prompts=prompts, mode=config.mode, alpha=config.alpha, k=ks,
+                      controls=list(config.controls), random_draws=config.random_draws,
+                      channel_seed=config.channel_seed, stats_model=st.meta.get("model"),
+                      judge=judge is not None)
+    return DisruptionResult(images=images, channels=sets, metrics=metrics, meta=meta)
+
+
+def _metrics(images: dict[str, torch.Tensor], names: list, prompts: list[str], judge: Any,
+             config: DisruptionConfig) -> dict:
+    base = images["none"]
+    per_set = {}
+    for name, control, k, draw in names:
+        x = images[name]
+        e, p = mse(x, base), psnr(x, base)
+        finite_p = [v if v != float("inf") else None for v in p.tolist()]
+        row: dict = {"control": control, "k": k, "draw": draw, "mse": summarise(e), "psnr": summarise(p),
+                     "per_image": {"mse": e.tolist(), "psnr": finite_p}}
+        j = judge_scores(judge, x, prompts)
+        if j is not None:
+            row["judge"] = j
+        if config.user_metric is not None:
+            row["user"] = dict(config.user_metric(x, prompts))
+        per_set[name] = row
+    summary = []
+    for control, k in dict.fromkeys((c, k) for _, c, k, _ in names):
+        rows = [r for r in per_set.values() if r["control"] == control and r["k"] == k]
+        mses = torch.tensor([r["mse"] for r in rows])
+        entry = {"control": control, "k": k, "draws": len(rows), "mse": float(mses.mean()),
+                 "mse_std": float(mses.std()) if len(rows) > 1 else 0.0,
+                 "psnr": summarise(torch.tensor([_inf(r["psnr"]) for r in rows]))}
+        if all("judge" in r for r in rows) and rows:
+            entry["judge"] = {a: sum(r["judge"][a] for r in rows) / len(rows) for a in rows[0]["judge"]}
+        summary.append(entry)
+    return {"sets": per_set, "summary": summary}
+
+
+def _inf(v: float | None) -> float:
+    return float("inf") if v is None else v
+
+
+def save_disruption(result: DisruptionResult, folder: str | Path) -> Path:
+    """Save the result and its PNGs.
+
+    One grid per set (prompts in a row) and ``grid.png`` (one row per set, baseline first).
+    """
+    folder = Path(folder)
+    result.save(folder)
+    write_pngs(folder, result.images)
+    n = next(iter(result.images.values())).shape[0]
+    save_png(folder / "grid.png", grid(torch.cat(list(result.images.values())), n))
+    return folder

@@ -128,7 +128,7 @@ def test_cli_stats_writes_run_folder(tiny_flux_dir, tmp_path, capsys):
         (["--k", "0"], "k=0 is out of range"),
         (["--k", "99"], "k=99 is out of range; accepted: 1..32"),
         (["--no-prompt"], "no prompts given"),
-        (["--height", "30"], "height=30, width=32 cannot be taken by this model; accepted: positive multiples"),
+        (["--height", "30"], "height=30, width=32 cannot be taken by this model"),
         (["--sites", "transformer_blocks.7"], "unknown site 'transformer_blocks.7'"),
         (["--dtype", "float64"], None),
     ],

@@ -133,11 +133,13 @@ def _masks(attrs: dict[str, np.ndarray], size: int) -> np.ndarray:
     dx = xx - (centre + attrs["dx"][:, None, None])
     dy = yy - (centre + attrs["dy"][:, None, None])
     adx, ady = np.abs(dx), np.abs(dy)
-    circle = dx * dx + dy * dy <= half * half
-    square = (adx <= 0.85 * half) & (ady <= 0.85 * half)
+    # Circle a bit smaller than the square and the cross so that their outlines differ more.
+    circle = dx * dx + dy * dy <= (0.9 * half) ** 2
+    # Full-extent square: an area-matched one differs from the circle in only ~5% of pixels.
+    square = (adx <= half) & (ady <= half)
     # Upward triangle: apex at top, base at dy = +half, base half-width 1.15 * half.
     triangle = (dy <= half) & (adx <= 1.15 * (dy + half) / 2.0)
-    arm = 0.35 * half
+    arm = 0.3 * half
     cross = ((adx <= arm) & (ady <= half)) | ((ady <= arm) & (adx <= half))
     stack = np.stack([circle, square, triangle, cross])  # [4, n, H, W]
     return stack[attrs["shape"], np.arange(len(attrs["shape"]))]

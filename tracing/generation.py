@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,8 @@ class GenerationConfig:
     """Settings of the trajectories a probe or a statistics run generates.
 
     Attributes:
-        steps: Denoising steps (always passed: nnsight's traced default is 1).
+        steps: Denoising steps (always passed: nnsight's traced default is 1). ``None``: the
+            model folder's default, else the pipeline's own ``num_inference_steps`` default.
         seed: The i-th prompt gets ``torch.Generator(device).manual_seed(seed + i)``.
         height: Image height in pixels (``None``: the model folder's or pipeline's default).
         width: Image width in pixels.
@@ -30,7 +32,7 @@ class GenerationConfig:
             ``max_sequence_length``, ...).
     """
 
-    steps: int = 4
+    steps: int | None = None
     seed: int = 0
     height: int | None = None
     width: int | None = None
@@ -64,6 +66,9 @@ def resolve(config: GenerationConfig, model: Any, adapter: Adapter) -> Generatio
     pipe = getattr(model, "pipeline", model)
     fd = folder_defaults(model)
     cfg = GenerationConfig(**{**asdict(config), "extra": dict(config.extra)})
+    if cfg.steps is None:
+        cfg.steps = fd.get("num_inference_steps", fd.get("steps"))
+        cfg.steps = cfg.steps or _call_default(pipe, "num_inference_steps", 4)
     if cfg.steps < 1:
         raise MassactError(f"steps={cfg.steps!r} is out of range; accepted: an integer >= 1")
     default_px = None
@@ -87,6 +92,13 @@ def resolve(config: GenerationConfig, model: Any, adapter: Adapter) -> Generatio
             f"accepted: positive multiples of {unit} pixels"
         )
     return cfg
+
+
+def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
+    param = inspect.signature(type(pipe).__call__).parameters.get(name)
+    if param is None or param.default is inspect.Parameter.empty or param.default is None:
+        return fallback
+    return param.default
 
 
 def adapter_unit(pipe: Any, adapter: Adapter) -> int:

@@ -47,10 +47,9 @@ def prompts_from(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def generation_from(args: argparse.Namespace, model_defaults: dict | None = None) -> GenerationConfig:
-    """A :class:`GenerationConfig` from parsed arguments."""
-    steps = args.steps if args.steps is not None else (model_defaults or {}).get("steps", 4)
+def generation_from(args: argparse.Namespace) -> GenerationConfig:
+    """A :class:`GenerationConfig` from parsed arguments (unset values resolve per model)."""
     return GenerationConfig(
-        steps=steps, seed=args.seed, height=args.height, width=args.width,
+        steps=args.steps, seed=args.seed, height=args.height, width=args.width,
         guidance_scale=args.guidance_scale, batch_size=args.batch_size,
     )

@@ -1,0 +1,114 @@
+"""Channel statistics and token-position extremes of a language/encoder model, via nnsight.
+
+The same statistics as the DiT side (:class:`massact_nn.stats.StatsAccumulator`): each prompt is
+one "step 0" sample over its real tokens, so ``abs_mean`` = mean over prompts of |mean over
+tokens of h|. Prompts run one per forward pass: no padding exists, so no padded token can leak
+into a mean (the attention mask is applied anyway, in case a tokenizer pads a single text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from massact_nn.errors import MassactError
+from massact_nn.llm_stats import LLMStats, PositionAccumulator
+from massact_nn.sites import resolve_sites
+from massact_nn.stats import StatsAccumulator
+
+from ..model import library_versions
+from .adapters import llm_sites, read_hidden
+from .model import LoadedLLM
+
+
+@dataclass
+class LLMStatsConfig:
+    """What to measure.
+
+    Attributes:
+        k: Size of the top-k channel sets reported per layer (and kept per prompt for Jaccard).
+        n_top: Largest |h| entries kept per prompt and layer (Sun et al.: top-1, 2, 3).
+        keep: Largest entries over all prompts written per layer to ``llm.json``.
+        sites: Module paths or layer indices to measure (``None``: every layer).
+        max_length: Prompts are truncated to this many tokens.
+        progress: Show a tqdm bar over prompts.
+    """
+
+    k: int = 4
+    n_top: int = 3
+    keep: int = 10
+    sites: Sequence[str | int] | None = None
+    max_length: int = 512
+    progress: bool = True
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def collect_llm_stats(
+    llm: LoadedLLM, prompts: Sequence[str], config: LLMStatsConfig | None = None
+) -> LLMStats:
+    """Measure per-channel statistics and the largest activations' positions at every layer.
+
+    Args:
+        llm: A model from :func:`load_llm` or :func:`wrap`.
+        prompts: Texts; each is tokenized alone (special tokens included, as the model expects).
+        config: What to measure.
+
+    Returns:
+        :class:`LLMStats` (channel statistics with steps = 1, plus token positions).
+    """
+    config = config or LLMStatsConfig()
+    prompts = list(prompts)
+    if not prompts:
+        raise MassactError("no prompts given; accepted: one or more --prompt or a --prompts-file")
+    if any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise MassactError("empty prompt given; accepted: non-empty strings")
+    if config.max_length < 1:
+        raise MassactError(f"max_length={config.max_length!r} is out of range; accepted: >= 1")
+    module = llm.model._module
+    sites = resolve_sites(llm_sites(module), config.sites)
+    device = _device(module)
+    acc = StatsAccumulator(sites, steps=1, k=config.k, device=device)
+    pos = PositionAccumulator(sites, n_top=config.n_top, keep=config.keep)
+    envoys = {s.module: llm.model.get(s.module) for s in sites}
+    n_tokens = []
+    for i, prompt in enumerate(tqdm(prompts, desc="llm-stats", unit="prompt", disable=not config.progress)):
+        enc = llm.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=config.max_length)
+        ids = enc["input_ids"][0]
+        mask = enc.get("attention_mask")
+        real = mask[0].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        if not real.any():
+            raise MassactError(f"prompt {i} ({prompt!r}) has no tokens after tokenization")
+        pos.set_tokens(i, llm.tokenizer.convert_ids_to_tokens(ids[real].tolist()))
+        n_tokens.append(int(real.sum()))
+        inputs = {k: v.to(device) for k, v in enc.items()}
+        real = real.to(device)
+        acc.begin_batch(1)
+        with torch.no_grad(), llm.model.trace(**inputs):
+            for s in sites:
+                h = read_hidden(envoys[s.module].output, s.module, s.channels)[:, real]  # [1, T, C]
+                acc.update(s.module, 0, h)
+                pos.add(s.module, i, h[0])
+        acc.end_batch()
+    meta = {
+        "kind": "llm",
+        "model": llm.name,
+        "architecture": llm.family.name,
+        "model_class": type(module).__name__,
+        "layers": llm.layers,
+        "source": llm.source,
+        "n_layers": len(llm_sites(module)),
+        "versions": library_versions(),
+        "prompts": prompts,
+        "tokens": n_tokens,
+        "max_length": config.max_length,
+        "dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
+        "device": str(device),
+    }
+    return LLMStats(channels=acc.result(meta), positions=pos.result())

@@ -4,14 +4,26 @@ The only place in the project that imports plotly. Every viewer takes result obj
 model) and returns a ``plotly.graph_objects.Figure``.
 """
 
+from .probes import (
+    disruption_grid,
+    disruption_metrics,
+    mask_overview,
+    mask_viewer,
+    transport_strip,
+)
 from .report import build_report, find_runs
 from .stats import channel_heatmap, massive_profile, stat_matrix, step_evolution
 
 __all__ = [
     "build_report",
     "channel_heatmap",
+    "disruption_grid",
+    "disruption_metrics",
     "find_runs",
+    "mask_overview",
+    "mask_viewer",
     "massive_profile",
     "stat_matrix",
     "step_evolution",
+    "transport_strip",
 ]

@@ -20,11 +20,8 @@ from massact_nn.errors import MassactError
 from massact_nn.stats import ChannelStats
 
 from . import html as H
-from .probes import probe_sections
-from .stats import channel_heatmap, massive_profile, step_evolution
-
-META_KEYS = ("model", "architecture", "transformer_class", "versions", "prompts", "seed", "steps",
-             "height", "width", "guidance_scale", "dtype", "device", "k")
+from .sections import probe_section, stats_section
+from .stats import massive_profile
 
 
 @dataclass
@@ -87,33 +84,6 @@ def _anchor(i: int, run: Run) -> str:
     return f"run-{i}-{run.path.name}".replace(" ", "-")
 
 
-def stats_section(run: Run, anchor: str) -> list[str]:
-    """Heatmap, profile, per-step evolution and the per-site table of one statistics run."""
-    stats = ChannelStats.load(run.path)
-    out = [H.heading(2, f"Channel statistics · {run.path.name}", anchor),
-           H.paragraph(f"{len(stats.sites)} sites, {len(stats.meta.get('prompts', []))} prompts, "
-                       f"{stats.meta.get('steps')} steps. Folder: {run.path}")]
-    out.append(H.heading(3, "Massive-activation profile"))
-    out.append(H.paragraph("Top-1, top-2, top-3 and median channel per layer; a massive channel "
-                           "sits orders of magnitude above the median."))
-    out.append(H.figure(massive_profile(stats)))
-    out.append(H.heading(3, "Channels × layers"))
-    out.append(H.paragraph("Log colour scale; circles mark each layer's top-k channels. The "
-                           "dropdown switches the statistic."))
-    out.append(H.figure(channel_heatmap(stats)))
-    if stats.has_per_step:
-        out.append(H.heading(3, "Per-step evolution of the top channels"))
-        out.append(H.paragraph("The slider picks the site (layer)."))
-        out.append(H.figure(step_evolution(stats)))
-    out.append(H.heading(3, "Per-site summary"))
-    rows = stats.summary()
-    out.append(H.table(rows, ["layer", "module", "kind", "channels", "top", "ratio_top1_median",
-                              "ratio_top1_median_mean_abs", "jaccard_prompts", "jaccard_steps"]))
-    out.append(H.heading(3, "Run metadata"))
-    out.append(H.metadata({k: v for k, v in stats.meta.items()}, META_KEYS))
-    return out
-
-
 def build_report(folders: Sequence[str | Path], out: str | Path, title: str | None = None) -> Path:
     """Write one self-contained HTML report of the given run folders (atomically).
 
@@ -143,12 +113,11 @@ def build_report(folders: Sequence[str | Path], out: str | Path, title: str | No
     for i, run in enumerate(runs):
         anchor = _anchor(i, run)
         if run.kind == "stats":
-            toc.append((anchor, f"Statistics · {run.path.name}"))
-            sections += stats_section(run, anchor)
+            name, parts = stats_section(run.path, anchor)
         else:
-            name, parts = probe_sections(run.path, run.meta, anchor)
-            toc.append((anchor, name))
-            sections += parts
+            name, parts = probe_section(run.path, run.meta, anchor)
+        toc.append((anchor, name))
+        sections += parts
     nav = "<nav><ul>" + "".join(
         f'<li><a href="#{_html.escape(a)}">{_html.escape(t)}</a></li>' for a, t in toc
     ) + "</ul></nav>"

@@ -1,0 +1,135 @@
+"""Viewers of probe results: the right images, masks, IoU and channels end up in the figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _viz_fixtures import GRID, SIZE, disruption_result, segmentation_result, transport_result
+from massact_nn.viz import (
+    disruption_grid,
+    disruption_metrics,
+    mask_overview,
+    mask_viewer,
+    transport_strip,
+)
+from massact_nn.viz._images import outline_path
+
+from massact_nn.masks import iou, upsample_nearest
+
+
+def _decode(source: str) -> np.ndarray:
+    import base64
+    import io
+
+    from PIL import Image
+
+    raw = base64.b64decode(source.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+
+
+def test_disruption_grid_places_each_set_in_its_column_with_metrics():
+    r = disruption_result()
+    fig = disruption_grid(r)
+    images = [t for t in fig.data if t.type == "image"]
+    assert len(images) == 4 * 2
+    titles = [a.text for a in fig.layout.annotations]
+    for s in r.sets:
+        cap = [t for t in titles if t.startswith(f"<b>{s}</b>")]
+        assert cap, s
+        if s != "none":
+            assert f"PSNR {r.metrics['sets'][s]['psnr']:.4g}" in cap[0]
+    # Trace order is set-major: image (set j, prompt i) shows exactly that set's image.
+    for j, s in enumerate(r.sets):
+        for i in range(2):
+            px = _decode(images[j * 2 + i].source)
+            f = px.shape[0] // SIZE
+            want = (r.images[s][i].permute(1, 2, 0).numpy() * 255).round()
+            np.testing.assert_allclose(px[::f, ::f], want, atol=1)
+    hover = images[2].hovertemplate  # top_k2, prompt 0
+    assert "set top_k2" in hover and "transformer_blocks.0 [5, 2]" in hover
+    # A prompt is text, never markup.
+    assert any("&lt;b&gt;green" in (a.text or "") for a in fig.layout.annotations)
+
+
+def test_disruption_metrics_bars_follow_the_summary():
+    r = disruption_result()
+    fig = disruption_metrics(r)
+    mse = fig.data[0]
+    rows = [x for x in r.metrics["summary"] if x["control"] != "none"]
+    assert list(mse.x) == [f"{x['control']} k={x['k']}" for x in rows]
+    assert list(mse.y) == pytest.approx([x["mse"] for x in rows])
+    assert fig.layout.yaxis.type == "log"
+    labels = [b.label for b in fig.layout.updatemenus[0].buttons]
+    assert labels == ["mse", "psnr", "judge.colour"]
+    assert list(fig.data[2].y) == pytest.approx([x["judge"]["colour"] for x in rows])
+
+
+def test_mask_overview_reports_iou_against_the_truth():
+    r, truth = segmentation_result()
+    fig = mask_overview(r, truth)
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[0].startswith("<b>top</b>")  # the primary set first
+    for name in ("top", "random", "centre"):
+        want = iou(upsample_nearest(r.set_mask(name), SIZE, SIZE), truth)
+        assert any(t.startswith(f"<b>{name}</b>") and f"IoU {want:.4g}" in t for t in titles)
+    assert titles[-1] == "<b>true mask</b>"
+    heat = [t for t in fig.data if t.type == "heatmap"]
+    np.testing.assert_array_equal(np.asarray(heat[0].z), r.set_mask("top").numpy().astype(float))
+
+
+def test_mask_viewer_sliders_combine_site_and_step():
+    r, truth = segmentation_result()
+    fig = mask_viewer(r, truth)
+    site_slider, step_slider = fig.layout.sliders
+    assert [s.label for s in site_slider.steps] == ["tb.0", "stb.0"]
+    assert [s.label for s in step_slider.steps] == ["1", "3"]
+    heat = [(i, t) for i, t in enumerate(fig.data) if t.type == "heatmap"]
+    assert len(heat) == 2 * 2 * 2  # sets × sites × steps
+    # Pick site 1 (single_transformer_blocks.0) and step 3: exactly one heatmap per set is shown.
+    vis = site_slider.steps[1].args[0]["visible"]
+    opa = step_slider.steps[1].args[0]["opacity"]
+    shown = [t for i, t in heat if vis[i] and opa[i] == 1.0]
+    assert len(shown) == 2
+    for t in shown:
+        assert "single_transformer_blocks.0" in t.hovertemplate and "step 3" in t.hovertemplate
+    assert "single_transformer_blocks.0" in site_slider.steps[1].args[1]["title.text"]
+    # The block that differs from the truth by one token reports its own IoU on hover.
+    odd = [t for _, t in heat if "set top" in t.hovertemplate and "site transformer_blocks.0" in
+           t.hovertemplate and "step 1" in t.hovertemplate][0]
+    want = iou(upsample_nearest(r.per_block["top/transformer_blocks.0/1"], SIZE, SIZE), truth)
+    assert f"IoU vs true mask {want:.4g}" in odd.hovertemplate and want < 1.0
+
+
+def test_outline_traces_the_mask_boundary_exactly():
+    m = np.zeros((4, 4), bool)
+    m[1:3, 1:3] = True
+    xs, ys = outline_path(m)
+    segs = {(xs[i], ys[i], xs[i + 1], ys[i + 1]) for i in range(0, len(xs), 3)}
+    assert len(segs) == 8  # a 2×2 block has 8 unit edges on its boundary
+    assert all(min(a, c) >= 0.5 and max(a, c) <= 2.5 for a, _, c, _ in segs)
+
+
+def test_transport_strip_shows_source_target_result_and_mask():
+    r = transport_result()
+    fig = transport_strip(r)
+    images = [t for t in fig.data if t.type == "image"]
+    assert [t.hovertemplate.split("<")[0] for t in images] == ["source", "target", "result", "result"]
+    for t, want in zip(images, [r.source[0], r.target[0], r.result[0]]):
+        px = _decode(t.source)
+        f = px.shape[0] // SIZE
+        np.testing.assert_allclose(px[::f, ::f], (want.permute(1, 2, 0).numpy() * 255).round(), atol=1)
+    heat = [t for t in fig.data if t.type == "heatmap"][0]
+    np.testing.assert_array_equal(np.asarray(heat.z), r.token_mask.numpy().astype(float))
+    assert heat.z.shape == GRID
+    assert "transformer_blocks.1 [5, 8]" in heat.hovertemplate
+    assert "to_source.inside 0.001" in fig.layout.title.text
+    assert "a yellow circle" in fig.layout.annotations[0].text
+
+
+def test_mask_viewer_rejects_a_truth_of_the_wrong_shape():
+    from massact_nn.errors import MassactError
+
+    r, _ = segmentation_result()
+    with pytest.raises(MassactError, match="fits neither"):
+        mask_viewer(r, torch.zeros(5, 7, dtype=torch.bool))

@@ -14,7 +14,7 @@ from nnsight.modeling.diffusion import DiffusionModel
 import massact_nn
 from massact_nn.errors import MassactError, choice_error
 
-from .adapters import Adapter, adapter_for, adapter_for_class
+from .adapters import Adapter, adapter_for, adapter_for_class, transformer_class_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -92,7 +92,7 @@ def _check_transformer_class(path: str) -> None:
     # Fail before loading weights: an unsupported class should cost nothing.
     cfg = Path(path) / "transformer" / "config.json"
     if cfg.is_file():
-        adapter_for_class(json.loads(cfg.read_text())["_class_name"])
+        adapter_for_class(transformer_class_name(json.loads(cfg.read_text())))
 
 
 def model_adapter(model: Any) -> Adapter:

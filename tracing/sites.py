@@ -11,7 +11,7 @@ import torch
 from massact_nn.errors import MassactError
 from massact_nn.sites import Site
 
-from .adapters import Adapter, adapter_for, adapter_for_class
+from .adapters import Adapter, adapter_for, adapter_for_class, transformer_class_name
 
 
 def _get(module: Any, path: str) -> Any:
@@ -54,10 +54,11 @@ def sites_from_folder(folder: str | Path) -> tuple[Adapter, list[Site]]:
             f"no transformer config at {str(cfg_path)!r}; expected a diffusers pipeline folder"
         )
     cfg = json.loads(cfg_path.read_text())
-    adapter = adapter_for_class(cfg["_class_name"])
+    name = transformer_class_name(cfg)
+    adapter = adapter_for_class(name)
     import diffusers
 
-    cls = getattr(diffusers, cfg["_class_name"])
+    cls = getattr(diffusers, name)
     with torch.device("meta"):
         transformer = cls.from_config(cls.load_config(str(Path(folder) / "transformer")))
     return adapter, sites_of_transformer(transformer, adapter)

@@ -6,10 +6,13 @@ from typing import Any
 
 from massact_nn.errors import MassactError
 
-from . import flux
+from . import auraflow, chroma, cogview4, flux, flux2, pixart, qwenimage, sana, sd3
 from .base import LAYOUTS, Adapter, BlockList, Guidance, read_image, write_image
 
-ADAPTERS: tuple[Adapter, ...] = (flux.ADAPTER,)
+ADAPTERS: tuple[Adapter, ...] = (
+    flux.ADAPTER, flux2.ADAPTER, qwenimage.ADAPTER, sana.ADAPTER, sd3.ADAPTER, pixart.ADAPTER,
+    chroma.ADAPTER, cogview4.ADAPTER, auraflow.ADAPTER,
+)
 
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.transformer_classes}
 
@@ -33,6 +36,17 @@ def adapter_for_class(class_name: str) -> Adapter:
     return a
 
 
+# diffusers loads legacy ``Transformer2DModel`` configs as the class their ``norm_type`` names
+# (models/model_loading_utils.py, _CLASS_REMAPPING_DICT); PixArt-α/Σ's published configs are such.
+_LEGACY_CLASSES = {"Transformer2DModel": {"ada_norm_single": "PixArtTransformer2DModel"}}
+
+
+def transformer_class_name(config: dict) -> str:
+    """The class diffusers instantiates for a transformer ``config.json`` (legacy names remapped)."""
+    name = config.get("_class_name", "")
+    return _LEGACY_CLASSES.get(name, {}).get(config.get("norm_type"), name)
+
+
 def adapter_for(transformer: Any) -> Adapter:
     """The adapter for a transformer module (or an nnsight envoy wrapping one)."""
     module = getattr(transformer, "_module", transformer)
@@ -41,5 +55,5 @@ def adapter_for(transformer: Any) -> Adapter:
 
 __all__ = [
     "ADAPTERS", "LAYOUTS", "Adapter", "BlockList", "Guidance", "adapter_for",
-    "adapter_for_class", "read_image", "supported_classes", "write_image",
+    "adapter_for_class", "read_image", "supported_classes", "transformer_class_name", "write_image",
 ]

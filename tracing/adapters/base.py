@@ -21,6 +21,8 @@ from massact_nn.errors import MassactError
 #   pair_image_text: (hidden_states, encoder_hidden_states)   -> image = out[0]
 #   tensor:          hidden_states (text enters by cross-attention, or there is none)
 #   concat_text_image: one tensor cat([text, image], dim=1)   -> image = last n_image tokens
+#                      (the check demands more than n_image tokens: a text-free tensor of the
+#                      right length would otherwise be silently mistaken for the image stream)
 LAYOUTS = ("pair_text_image", "pair_image_text", "tensor", "concat_text_image")
 
 
@@ -108,6 +110,36 @@ def packed_grid(pipe: Any, height: int, width: int, patch: int = 2) -> tuple[int
     return height // (f * patch), width // (f * patch)
 
 
+def patch_grid(pipe: Any, height: int, width: int) -> tuple[int, int]:
+    """Token grid of pipelines whose transformer patchifies the latent by its ``patch_size``."""
+    f = vae_scale(pipe) * int(pipe.transformer.config.patch_size)
+    return height // f, width // f
+
+
+def call_arg(pipe: Any, kwargs: dict, name: str) -> Any:
+    """A pipeline call's argument: from ``kwargs``, else the default of the pipeline's ``__call__``.
+
+    Guidance predicates need the value the pipeline will really use: ``guidance_scale`` left out
+    means the pipeline's own default (often > 1, so CFG runs).
+    """
+    if name in kwargs:
+        return kwargs[name]
+    import inspect
+
+    param = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def scale_above_one(name: str) -> Callable[[Any, dict], bool]:
+    """Guidance predicate ``call_arg(name) > 1`` (diffusers' ``do_classifier_free_guidance``)."""
+
+    def active(pipe: Any, kwargs: dict) -> bool:
+        value = call_arg(pipe, kwargs, name)
+        return value is not None and float(value) > 1
+
+    return active
+
+
 def _shape(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"Tensor{tuple(x.shape)}"
@@ -142,6 +174,8 @@ def read_image(layout: str, out: Any, n_image: int, where: str = "?") -> torch.T
     elif layout in ("tensor", "concat_text_image"):
         if not isinstance(out, torch.Tensor):
             raise _layout_error(where, layout, out, "expected one tensor")
+        if layout == "concat_text_image" and (out.ndim != 3 or out.shape[1] <= n_image):
+            raise _layout_error(where, layout, out, f"expected text tokens before {n_image} image tokens")
         img = out if layout == "tensor" else out[:, out.shape[1] - n_image:]
     else:
         raise MassactError(f"unknown layout {layout!r}; accepted: {', '.join(LAYOUTS)}")

@@ -12,45 +12,26 @@ from pathlib import Path
 
 import torch
 
+from .parts import tiny_clip as _tiny_clip
+from .parts import tiny_t5 as _tiny_t5
+from .parts import tiny_vae as _tiny_vae
+from .tiny_dit import build_auraflow, build_pixart, build_sana, build_sd3
+from .tiny_flow import build_chroma, build_cogview4, build_flux2, build_qwenimage
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 #: Keyword arguments that make a tiny pipeline's call cheap and valid, by family.
+#: ``guidance_scale`` is left to each test: the families differ in what turns guidance on.
 CALL_DEFAULTS: dict[str, dict] = {
     "flux": {"max_sequence_length": 16, "guidance_scale": 0.0},
+    "flux2": {"max_sequence_length": 32},
+    "qwenimage": {"max_sequence_length": 32},
+    "sana": {"max_sequence_length": 32, "complex_human_instruction": None, "use_resolution_binning": False},
+    "pixart": {"max_sequence_length": 16, "use_resolution_binning": False, "clean_caption": False},
+    "sd3": {"max_sequence_length": 16},
+    "chroma": {"max_sequence_length": 16},
+    "cogview4": {"max_sequence_length": 32},
+    "auraflow": {"max_sequence_length": 16},
 }
-
-
-def _tiny_t5(vocab_size: int, d_model: int = 32):
-    from transformers import T5Config, T5EncoderModel
-
-    cfg = T5Config(
-        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0,
-    )
-    return T5EncoderModel(cfg)
-
-
-def _tiny_clip(vocab_size: int, hidden: int = 32, max_pos: int = 77):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, max_position_embeddings=max_pos, projection_dim=hidden,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    )
-    return CLIPTextModel(cfg)
-
-
-def _tiny_vae(latent_channels: int = 4, levels: int = 2):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=(8,) * levels, layers_per_block=1, norm_num_groups=4, sample_size=32,
-        scaling_factor=1.0, shift_factor=0.0,
-    )
 
 
 def build_flux(
@@ -116,4 +97,9 @@ def _plant_flux(transformer: torch.nn.Module, channel: int, scale: float) -> Non
         block.norm1.linear.bias[5 * dim + channel] = 1.0
 
 
-BUILDERS: dict[str, Callable[..., Path]] = {"flux": build_flux}
+#: One builder per covered family: ``build(folder, *, seed=0, plant=None) -> folder``.
+BUILDERS: dict[str, Callable[..., Path]] = {
+    "flux": build_flux, "flux2": build_flux2, "qwenimage": build_qwenimage, "sana": build_sana,
+    "pixart": build_pixart, "sd3": build_sd3, "chroma": build_chroma, "cogview4": build_cogview4,
+    "auraflow": build_auraflow,
+}

@@ -39,3 +39,32 @@ def t5_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS, max_length: int = 32):
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [("\u2581" + w, -float(i + 1)) for i, w in enumerate(words)]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+#: A ChatML template like Qwen's, minus tools; ``enable_thinking`` is accepted and ignored.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer(max_length: int = 512):
+    """A byte-level ``Qwen2Tokenizer`` with no merges (one token per UTF-8 byte) and ChatML.
+
+    Enough for the Qwen/Gemma-conditioned pipelines, which only need ``apply_chat_template``,
+    padding and truncation to work.
+
+    Ids: bytes 0-255, then ``<|endoftext|>`` (pad/eos) 256, ``<|im_start|>`` 257, ``<|im_end|>`` 258.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[s] = len(vocab)
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=[], extra_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=max_length,
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok

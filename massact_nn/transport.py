@@ -64,12 +64,13 @@ def blend(target: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, alpha:
     bit-exact; elsewhere ``target`` is returned untouched.
 
     Shapes:
-        target, source: [rows, tokens, channels]; mask: [tokens, channels] bool -> like target.
+        target, source: [rows, tokens, channels]; mask: [tokens, channels] (shared) or
+        [rows, tokens, channels] (one per row) bool -> like target.
     """
     if target.shape != source.shape:
         raise MassactError(f"source and target image streams differ in shape: {tuple(source.shape)} "
                            f"vs {tuple(target.shape)}; accepted: the same size, seed layout and model")
-    if mask.shape != target.shape[1:]:
+    if mask.shape != target.shape[1:] and mask.shape != target.shape:
         raise MassactError(f"joint mask shape {tuple(mask.shape)} does not match the image stream "
                            f"{tuple(target.shape)}; accepted: [tokens, channels] = {tuple(target.shape[1:])}")
     check_alpha(alpha)

@@ -43,21 +43,22 @@ def parse_steps(spec: str | Sequence[int] | None, n_steps: int) -> list[int]:
     accepted = f"'a:b' (half-open), 'a,b,c' or one step, within 0..{n_steps - 1}"
     if spec is None:
         return list(range(n_steps))
+    picked: list[int] | None = None
     try:
-        if isinstance(spec, str):
-            s = spec.strip()
-            if ":" in s:
-                a, b = s.split(":", 1)
-                lo, hi = (int(x) if x.strip() else None for x in (a, b))
-                picked = list(range(n_steps))[lo:hi]
-                if not picked:
-                    raise MassactError(f"steps {spec!r} select no step; accepted: {accepted}")
-                return picked
-            items = [int(x) for x in s.split(",") if x.strip()]
+        if isinstance(spec, str) and ":" in spec:
+            a, b = spec.strip().split(":", 1)
+            lo, hi = (int(x) if x.strip() else None for x in (a, b))
+            picked = list(range(n_steps))[lo:hi]
+        elif isinstance(spec, str):
+            items = [int(x) for x in spec.split(",") if x.strip()]
         else:
             items = [int(x) for x in spec]
     except ValueError:
         raise MassactError(f"cannot parse steps {spec!r}; accepted: {accepted}") from None
+    if picked is not None:
+        if not picked:
+            raise MassactError(f"steps {spec!r} select no step; accepted: {accepted}")
+        return picked
     out = []
     for x in items:
         y = x + n_steps if x < 0 else x

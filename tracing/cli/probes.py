@@ -1,0 +1,182 @@
+"""``massact disrupt``, ``massact transport``, ``massact evaluate`` (and ``segment`` when present)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from massact_nn.errors import MassactError
+
+from ..model import load_model
+from ..probes.common import add_probe_args, generation_from_probe_args, parse_sites
+from .common import add_model_args, add_prompt_args, prompts_from
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the probe subcommands."""
+    _register_disrupt(sub)
+    _register_transport(sub)
+    _register_evaluate(sub)
+    try:
+        from .segment import register_segment
+    except ImportError:
+        return
+    register_segment(sub)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in str(text).replace(",", " ").split()]
+    except ValueError:
+        raise MassactError(f"cannot parse {text!r} as integers; accepted: e.g. 4 or 1,2,4") from None
+
+
+def _register_disrupt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("disrupt", help="disrupt top-k channels vs lowest-k / random-k controls")
+    add_model_args(p)
+    add_prompt_args(p)
+    add_probe_args(p)
+    p.add_argument("--stats", required=True, help="statistics run folder (massact stats --out)")
+    p.add_argument("--k", default="4", help="channels per set; several as 1,2,4 (default 4)")
+    p.add_argument("--controls", default="top,low,random", help="sets besides the baseline (default all)")
+    p.add_argument("--random-draws", type=int, default=3, help="random-k draws (default 3)")
+    p.add_argument("--channel-seed", type=int, default=0, help="seed of the random draws")
+    p.add_argument("--mode", default="zero", help="zero | mean | token_mean | scale (default zero)")
+    p.add_argument("--alpha", type=float, default=0.0, help="factor of --mode scale")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.set_defaults(func=run_disrupt)
+
+
+def run_disrupt(args: argparse.Namespace) -> int:
+    """Run the disruption probe and write its run folder."""
+    from ..probes.disruption import DisruptionConfig, disrupt, save_disruption
+
+    prompts = prompts_from(args)
+    ks = _ints(args.k)
+    controls = [c.strip() for c in args.controls.split(",") if c.strip()]
+    from ..probes.common import load_stats
+
+    stats = load_stats(args.stats)  # fail on a bad folder before loading the model
+    model = load_model(args.model, args.device, args.dtype)
+    cfg = DisruptionConfig(
+        generation=generation_from_probe_args(args, model), k=ks, controls=controls,
+        random_draws=args.random_draws, channel_seed=args.channel_seed, mode=args.mode,
+        alpha=args.alpha, sites=parse_sites(args.sites), steps=args.steps,
+    )
+    result = disrupt(model, prompts, stats, cfg)
+    result.meta["stats_folder"] = str(args.stats)
+    save_disruption(result, args.out)
+    print(f"{'set':<16} {'mse':>10} {'psnr':>8}  judge")
+    for row in result.metrics["summary"]:
+        psnr = "inf" if row["psnr"] is None else f"{row['psnr']:.2f}"
+        judge = json.dumps(row.get("judge")) if row.get("judge") else ""
+        name = row["control"] if row["control"] == "none" else f"{row['control']}_k{row['k']}"
+        print(f"{name:<16} {row['mse']:>10.3g} {psnr:>8}  {judge}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _register_transport(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("transport", help="transport top-k channels from a source into a target")
+    add_model_args(p)
+    add_probe_args(p)
+    p.add_argument("--source-prompt", action="append", default=[], help="source prompt (repeatable)")
+    p.add_argument("--target-prompt", action="append", default=[], help="target prompt (repeatable)")
+    p.add_argument("--source-image", default=None, help="real source image (image-conditioned)")
+    p.add_argument("--source-caption", default=None, help="caption of --source-image")
+    p.add_argument("--stats", default=None, help="statistics run folder (channel mask m: top-k)")
+    p.add_argument("--k", type=int, default=4, help="channels per site (default 4)")
+    p.add_argument("--channels", default=None, help="JSON file {module: [channel ids]} instead of --stats")
+    p.add_argument("--mask", nargs="+", default=["all"],
+                   help="token mask p: all | segmentation run folder | .npy | PNG; several = union")
+    p.add_argument("--alpha", type=float, default=1.0, help="blend factor (1 = replace)")
+    p.add_argument("--mode", default="batched", help="batched | two_pass (default batched)")
+    p.add_argument("--copy-norm-out", action="store_true", help="also copy norm_out's output in p")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.set_defaults(func=run_transport)
+
+
+def run_transport(args: argparse.Namespace) -> int:
+    """Run the transport probe and write its run folder."""
+    from ..probes.transport import ImageSource, TransportConfig, save_transport, transport
+
+    if not args.target_prompt:
+        raise MassactError("no --target-prompt given; accepted: one or more --target-prompt")
+    if args.source_image is not None:
+        if args.source_prompt:
+            raise MassactError("both --source-prompt and --source-image given; accepted: one of them")
+        if not args.source_caption:
+            raise MassactError("--source-image needs --source-caption TEXT")
+        source = ImageSource(args.source_image, args.source_caption)
+    elif args.source_prompt:
+        source = args.source_prompt
+    else:
+        raise MassactError("no source given; accepted: --source-prompt TEXT or --source-image PNG "
+                           "--source-caption TEXT")
+    channels = None
+    if args.channels:
+        try:
+            with open(args.channels) as f:
+                channels = {k: list(map(int, v)) for k, v in json.load(f).items()}
+        except (OSError, ValueError, AttributeError) as e:
+            raise MassactError(f"cannot read channels from {args.channels!r} ({e}); accepted: "
+                               "a JSON file {module: [channel ids]}") from None
+    elif args.stats is None:
+        raise MassactError("no channel mask: pass --stats DIR (top-k per site) or --channels FILE")
+    stats = None
+    if args.stats is not None and channels is None:
+        from ..probes.common import load_stats
+
+        stats = load_stats(args.stats)
+    model = load_model(args.model, args.device, args.dtype)
+    cfg = TransportConfig(
+        generation=generation_from_probe_args(args, model), k=args.k, channels=channels,
+        token_mask=args.mask if len(args.mask) > 1 else args.mask[0], alpha=args.alpha,
+        mode=args.mode, copy_norm_out=args.copy_norm_out, sites=parse_sites(args.sites),
+        steps=args.steps,
+    )
+    result = transport(model, source, args.target_prompt, stats, cfg)
+    save_transport(result, args.out)
+    m = result.metrics
+    print(f"result -> source: mse {m['to_source']['all']:.5f} (inside p {m['to_source']['inside']}, "
+          f"outside {m['to_source']['outside']})")
+    print(f"result -> target: mse {m['to_target']['all']:.5f} (inside p {m['to_target']['inside']}, "
+          f"outside {m['to_target']['outside']})")
+    if "moved" in m:
+        print(f"judge: moved {m['moved']}, kept {m['kept']}, already {m['already']}")
+    if args.mode == "two_pass":
+        print(f"stored {result.meta['stored_bytes']} bytes (full hidden states: {result.meta['full_bytes']})")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _register_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="reproduce the three claims with controls (markdown + JSON)")
+    add_model_args(p)
+    p.add_argument("--stats", required=True, help="statistics run folder of the model")
+    p.add_argument("--k", default="1,2,4,8", help="k values of the disruption sweep")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per measurement (default 16)")
+    p.add_argument("--pairs", type=int, default=16, help="transport pairs (default 16)")
+    p.add_argument("--random-draws", type=int, default=3)
+    p.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: model's)")
+    p.add_argument("--transport-k", type=int, default=4, help="channels per site for transport")
+    p.add_argument("--seed", type=int, default=1000, help="first seed (default 1000)")
+    p.add_argument("--out", required=True, help="folder for evaluation.md / evaluation.json")
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run the evaluation and write ``evaluation.md`` and ``evaluation.json``."""
+    from ..probes.common import load_stats
+    from ..probes.evaluate import EvaluationConfig, evaluate, save_evaluation
+
+    stats = load_stats(args.stats)
+    model = load_model(args.model, args.device, args.dtype)
+    cfg = EvaluationConfig(
+        ks=_ints(args.k), prompts=args.prompts, pairs=args.pairs, random_draws=args.random_draws,
+        num_steps=args.num_steps, transport_k=args.transport_k, seed=args.seed,
+    )
+    report = evaluate(model, stats, cfg)
+    md = save_evaluation(report, args.out)
+    print(md)
+    return 0

@@ -1,0 +1,316 @@
+"""Transport probe (semantic transferability): source channels into a target under ``M = p mᵀ``.
+
+Text-conditioned: source and target are prompts generated from the same noise (pair j uses seed
+``seed + j`` for both). Image-conditioned: the source's activations at target step i come from the
+transformer run on a real image noised to that step's t with the same seeded noise, with its
+caption (:mod:`.real_image`).
+
+Two execution modes. ``batched``: one generation of ``[sources; targets; results]`` rows with
+identical generators per pair (design notes, pitfall 9); at each site the result rows are rebuilt
+from the source rows and the whole output is assigned; nothing is stored. ``two_pass``: pass 1
+generates the sources and keeps only the masked entries ``[rows, tokens in p, k]`` per site and
+call; pass 2 generates targets and results and injects them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from massact_nn.errors import MassactError, choice_error
+from massact_nn.stats import ChannelStats
+from massact_nn.transport import TransportResult, blend, check_alpha, gather, scatter_blend
+
+from ..adapters import read_image, write_image
+from ..generation import GenerationConfig
+from .common import Plan, channel_sets, find_judge, load_stats, make_plan, probe_meta, write_pngs
+from .transport_parts import ImageSource, resolve_token_mask, rows_of, transport_metrics
+
+MODES = ("batched", "two_pass")
+
+__all__ = ["MODES", "ImageSource", "TransportConfig", "save_transport", "transport"]
+
+
+@dataclass
+class TransportConfig:
+    """What to transport, where, and how.
+
+    Attributes:
+        generation: Trajectory settings (steps, seed, size, guidance, batch size = pairs per call).
+        k: Channels per site (top-k of the statistics' ``abs_mean``) when ``channels`` is not given.
+        channels: Per site module path, the channel ids to transport (overrides ``k``/stats).
+        token_mask: ``"all"``, a token-grid mask ``[rows, cols]`` / ``[pairs, rows, cols]`` bool, a
+            path (segmentation run folder with ``mask.npy``, a ``.npy`` file, or a PNG resized to
+            the grid), or a list of these (their union).
+        alpha: Blend ``X_t (1 − αM) + X_s αM``; 1 = hard replacement, 0 = no change.
+        mode: ``batched`` or ``two_pass`` (image-conditioned sources need ``two_pass``).
+        copy_norm_out: Also blend ``transformer.norm_out``'s output over the tokens in ``p`` (all
+            channels): its modulation carries the prompt's pooled embedding, so without it full
+            transport is not an identity (design notes, pitfall 10).
+        sites: Module paths or layer indices (``None``: every site).
+        steps: Denoising steps to transport at (``"a:b"``, a list, or ``None`` for all).
+        judge: Read the result's attributes with the toy's judge when the model ships one.
+        progress: Show a tqdm bar over generations.
+    """
+
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    k: int = 4
+    channels: dict[str, torch.Tensor] | None = None
+    token_mask: Any = "all"
+    alpha: float = 1.0
+    mode: str = "batched"
+    copy_norm_out: bool = False
+    sites: Sequence[str | int] | None = None
+    steps: str | Sequence[int] | None = None
+    judge: bool = True
+    progress: bool = True
+
+
+def transport(
+    model: Any,
+    source: str | Sequence[str] | ImageSource,
+    target: str | Sequence[str],
+    stats: ChannelStats | str | Path | None = None,
+    config: TransportConfig | None = None,
+) -> TransportResult:
+    """Transport the source's channels into the target under ``M = p mᵀ``.
+
+    Args:
+        model: An nnsight ``DiffusionModel``.
+        source: A prompt, one prompt per pair, or an :class:`ImageSource` (real image + caption).
+        target: A prompt or one prompt per pair.
+        stats: A :class:`ChannelStats` or its folder (channel mask ``m``: top-k per site);
+            not needed when ``config.channels`` is given.
+        config: What to transport.
+
+    Returns:
+        A :class:`TransportResult` with ``[pairs, 3, H, W]`` images; ``meta["stored_bytes"]``
+        (two-pass) versus ``meta["full_bytes"]`` (full hidden states at the same sites and calls).
+    """
+    config = config or TransportConfig()
+    if config.mode not in MODES:
+        raise choice_error("transport mode", config.mode, MODES)
+    check_alpha(config.alpha)
+    targets = [target] if isinstance(target, str) else list(target)
+    image_source = isinstance(source, ImageSource)
+    sources = [] if image_source else ([source] if isinstance(source, str) else list(source))
+    if not image_source and len(sources) != len(targets):
+        raise MassactError(f"{len(sources)} source prompts for {len(targets)} target prompts; "
+                           "accepted: one source per target")
+    for p in sources + targets:
+        if not isinstance(p, str) or not p.strip():
+            raise MassactError("empty prompt given; accepted: non-empty strings")
+    if image_source and config.mode != "two_pass":
+        raise MassactError("image-conditioned transport runs in mode 'two_pass' only; accepted: "
+                           "mode='two_pass' with an image source")
+    plan = make_plan(model, config.generation, config.sites, config.steps)
+    channels = _channels(plan, stats, config)
+    p = resolve_token_mask(config.token_mask, plan.grid, len(targets))  # [pairs, rows, cols]
+    judge = find_judge(model) if config.judge else None
+    bar = tqdm(total=2 if config.mode == "two_pass" else 1, desc="transport", unit="pass",
+               disable=not config.progress)
+    if config.mode == "batched":
+        src, tgt, res, nbytes = _batched(model, plan, sources, targets, channels, p, config)
+        bar.update(1)
+    else:
+        if image_source:
+            src, stored, nbytes = _capture_image(model, plan, source, len(targets), channels, p, config)
+        else:
+            src, stored, nbytes = _capture(model, plan, sources, channels, p, config)
+        bar.update(1)
+        tgt, res = _inject(model, plan, targets, stored, channels, p, config)
+        bar.update(1)
+    bar.close()
+    metrics = transport_metrics(src, tgt, res, p, judge)
+    meta = probe_meta(
+        model, plan, source_prompts=sources, target_prompts=targets, mode=config.mode,
+        alpha=config.alpha, k=config.k if config.channels is None else None,
+        copy_norm_out=config.copy_norm_out,
+        token_mask=config.token_mask if isinstance(config.token_mask, str) else "given",
+        source_image=None if not image_source else _describe(source), judge=judge is not None,
+        **nbytes,
+    )
+    mask = p[0] if bool((p == p[:1]).all()) else p
+    return TransportResult(source=src, target=tgt, result=res, token_mask=mask,
+                           channels=channels, metrics=metrics, meta=meta)
+
+
+def _describe(src: ImageSource) -> dict:
+    img = src.image if isinstance(src.image, (str, Path)) else type(src.image).__name__
+    return {"image": str(img), "caption": src.caption, "posterior": src.posterior}
+
+
+def _channels(plan: Plan, stats: Any, config: TransportConfig) -> dict[str, torch.Tensor]:
+    if config.channels is not None:
+        missing = [s.module for s in plan.sites if s.module not in config.channels]
+        if missing:
+            raise MassactError(f"no channels given for sites {missing}; accepted: a channel list "
+                               f"for each of {[s.module for s in plan.sites]}")
+        out = {}
+        for s in plan.sites:
+            ch = torch.as_tensor(config.channels[s.module], dtype=torch.long).flatten()
+            if ch.numel() and (int(ch.max()) >= s.channels or int(ch.min()) < 0):
+                raise MassactError(f"site {s.module}: channel ids {ch.tolist()} out of range; "
+                                   f"accepted: 0..{s.channels - 1}")
+            out[s.module] = ch
+        return out
+    if stats is None:
+        raise MassactError("no channel mask: pass a statistics run (--stats DIR) or channels per site")
+    return channel_sets(load_stats(stats), plan.sites, "top", config.k)
+
+
+def _masks(plan: Plan, channels: dict[str, torch.Tensor], p: torch.Tensor, device: Any) -> dict:
+    """Per site, the joint mask per pair ``[pairs, tokens, channels]`` (bool)."""
+    flat = p.reshape(p.shape[0], -1).to(device)
+    out = {}
+    for s in plan.sites:
+        m = torch.zeros(s.channels, dtype=torch.bool, device=device)
+        m[channels[s.module].to(device)] = True
+        out[s.module] = flat[:, :, None] & m[None, None, :]
+    return out
+
+
+def _generate(
+    model: Any, plan: Plan, prompts: list[str], gens: list[torch.Generator], body: Any
+) -> torch.Tensor:
+    """One generation of ``prompts`` with ``body(call)`` run at every transformer call."""
+    kw = plan.kwargs(len(prompts), 0, model.pipeline.transformer.device)
+    kw["generator"] = gens
+    with model.generate(prompts, **kw) as tracer:
+        for i in tracer.iter[: len(plan.schedule)]:
+            body(plan.schedule[i])
+        res = tracer.result.save()
+    return res[0].float().cpu()
+
+
+def _pair_gens(plan: Plan, n: int, copies: int, device: Any) -> list[torch.Generator]:
+    # Pair j gets seed + j in every copy (source, target, result): identical noise per pair.
+    return [torch.Generator(device).manual_seed(plan.gen.seed + j) for _ in range(copies) for j in range(n)]
+
+
+def _batched(model, plan, sources, targets, channels, p, config):
+    n = len(targets)
+    device = model.pipeline.transformer.device
+    masks = _masks(plan, channels, p, device)
+    src_rows, res_rows = rows_of(0, n, 3, plan.batched_cfg), rows_of(2, n, 3, plan.batched_cfg)
+    reps = 2 if plan.batched_cfg else 1
+    blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
+    norm_out = model.transformer.norm_out
+    p_all = p.reshape(n, -1).to(device)
+
+    def body(call):
+        if not plan.active(call):
+            return
+        for s in plan.sites:
+            blk, lay = blocks[s.module], plan.layouts[s.module]
+            out = blk.output
+            h = read_image(lay, out, plan.n_img, s.module)
+            new = h.clone()
+            new[res_rows] = blend(h[res_rows], h[src_rows], masks[s.module].repeat(reps, 1, 1), config.alpha)
+            blk.output = write_image(lay, out, new, plan.n_img)
+        if config.copy_norm_out:
+            x = norm_out.output
+            mask = (p_all[:, :, None].expand(n, plan.n_img, x.shape[-1])).repeat(reps, 1, 1)
+            new = x.clone()
+            new[res_rows] = blend(x[res_rows], x[src_rows], mask, config.alpha)
+            norm_out.output = new
+
+    images = _generate(model, plan, sources + targets + targets, _pair_gens(plan, n, 3, device), body)
+    return images[:n], images[n:2 * n], images[2 * n:], {"stored_bytes": 0, "full_bytes": 0}
+
+
+def _capture(model, plan, sources, channels, p, config):
+    n = len(sources)
+    device = model.pipeline.transformer.device
+    blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
+    norm_out = model.transformer.norm_out
+    p_idx = [p[j].flatten().nonzero().flatten().to(device) for j in range(n)]
+    stored: dict = {}
+    count = {"stored_bytes": 0, "full_bytes": 0}
+
+    def body(call):
+        if not plan.active(call):
+            return
+        for s in plan.sites:
+            h = read_image(plan.layouts[s.module], blocks[s.module].output, plan.n_img, s.module)
+            ch = channels[s.module].to(device)
+            for j in range(n):
+                rows = rows_of(0, n, 1, plan.batched_cfg, j)
+                stored[(call.index, s.module, j)] = gather(h[rows], p_idx[j], ch).clone()
+            _count(count, stored, call.index, s.module, n, h)
+        if config.copy_norm_out:
+            x = norm_out.output
+            allc = torch.arange(x.shape[-1], device=device)
+            for j in range(n):
+                stored[(call.index, "norm_out", j)] = gather(x[rows_of(0, n, 1, plan.batched_cfg, j)],
+                                                             p_idx[j], allc).clone()
+            _count(count, stored, call.index, "norm_out", n, x)
+
+    images = _generate(model, plan, list(sources), _pair_gens(plan, n, 1, device), body)
+    return images, stored, count
+
+
+def _count(count: dict, stored: dict, index: int, module: str, n: int, h: torch.Tensor) -> None:
+    count["stored_bytes"] += sum(stored[(index, module, j)].numel() for j in range(n)) * h.element_size()
+    count["full_bytes"] += h.numel() * h.element_size()
+
+
+def _inject(model, plan, targets, stored, channels, p, config):
+    n = len(targets)
+    device = model.pipeline.transformer.device
+    blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
+    norm_out = model.transformer.norm_out
+    p_idx = [p[j].flatten().nonzero().flatten().to(device) for j in range(n)]
+
+    def put(h, module, ch, call):
+        new = h.clone()
+        for j in range(n):
+            rows = rows_of(1, n, 2, plan.batched_cfg, j)
+            new[rows] = scatter_blend(h[rows], stored[(call.index, module, j)].to(device), p_idx[j], ch,
+                                      config.alpha)
+        return new
+
+    def body(call):
+        if not plan.active(call):
+            return
+        for s in plan.sites:
+            blk, lay = blocks[s.module], plan.layouts[s.module]
+            out = blk.output
+            h = read_image(lay, out, plan.n_img, s.module)
+            new = put(h, s.module, channels[s.module].to(device), call)
+            blk.output = write_image(lay, out, new, plan.n_img)
+        if config.copy_norm_out:
+            x = norm_out.output
+            norm_out.output = put(x, "norm_out", torch.arange(x.shape[-1], device=device), call)
+
+    images = _generate(model, plan, targets + targets, _pair_gens(plan, n, 2, device), body)
+    return images[:n], images[n:]
+
+
+def _capture_image(model, plan, source: ImageSource, n, channels, p, config):
+    from .transport_parts import capture_real_image
+
+    return capture_real_image(model, plan, source, n, channels, p, config.copy_norm_out)
+
+
+def save_transport(result: TransportResult, folder: str | Path) -> Path:
+    """Save the result and its PNGs.
+
+    ``source.png``, ``target.png``, ``result.png`` (pairs in a row) and ``mask.png`` (the token
+    mask at image resolution).
+    """
+    from massact_nn.images import upsample_mask
+
+    folder = Path(folder)
+    result.save(folder)
+    write_pngs(folder, {"source": result.source, "target": result.target, "result": result.result})
+    h, w = result.result.shape[-2:]
+    masks = result.token_mask if result.token_mask.ndim == 3 else result.token_mask[None]
+    pix = torch.stack([upsample_mask(m, (h, w)) for m in masks]).float()
+    write_pngs(folder, {"mask": pix[:, None].expand(-1, 3, -1, -1)})
+    return folder

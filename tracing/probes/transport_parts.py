@@ -1,0 +1,168 @@
+"""Pieces of the transport probe: sources, token masks, batch rows, metrics, real-image capture."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from massact_nn.errors import MassactError
+from massact_nn.images import mask_from_png, upsample_mask
+from massact_nn.metrics import inside_outside, summarise
+
+from .common import judge_readings
+
+
+@dataclass
+class ImageSource:
+    """A real image as the transport source (image-conditioned transport).
+
+    Attributes:
+        image: A path, PIL image, or ``[1, 3, H, W]`` tensor in [-1, 1].
+        caption: Text the source trajectory is conditioned on.
+        posterior: VAE posterior: ``mode`` (deterministic) or ``sample``.
+    """
+
+    image: Any
+    caption: str
+    posterior: str = "mode"
+
+
+def rows_of(copy: int, n: int, copies: int, batched_cfg: bool, pair: int | None = None) -> torch.Tensor:
+    """Batch rows of one copy (source/target/result) of ``n`` pairs laid out copy-major.
+
+    Under batched CFG the batch is ``[uncond rows; cond rows]`` (design notes, pitfall 7), so each
+    pair has two rows, returned unconditional first.
+
+    Shapes:
+        -> [n] or [2n] (``pair=None``), [1] or [2] for one pair.
+    """
+    j = torch.arange(n) if pair is None else torch.tensor([pair])
+    base = copy * n + j
+    return torch.cat([base, base + copies * n]) if batched_cfg else base
+
+
+def resolve_token_mask(spec: Any, grid: tuple[int, int], pairs: int) -> torch.Tensor:
+    """A token mask for every pair from a spec (see ``TransportConfig.token_mask``).
+
+    Shapes:
+        -> [pairs, rows, cols] bool.
+    """
+    rows, cols = grid
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise MassactError("empty list of token masks; accepted: one or more masks (their union)")
+        out = resolve_token_mask(spec[0], grid, pairs)
+        for s in spec[1:]:
+            out = out | resolve_token_mask(s, grid, pairs)
+        return out
+    if isinstance(spec, str) and spec == "all":
+        m = torch.ones(rows, cols, dtype=torch.bool)
+    elif isinstance(spec, (str, Path)):
+        m = _mask_file(Path(spec), grid)
+    elif isinstance(spec, (torch.Tensor, np.ndarray)):
+        m = torch.as_tensor(spec).bool()
+    else:
+        raise MassactError(f"token mask {spec!r} not understood; accepted: 'all', a [rows, cols] bool "
+                           "tensor, a segmentation run folder, a .npy file or a PNG")
+    if m.ndim == 2:
+        m = m[None].expand(pairs, -1, -1)
+    if tuple(m.shape) != (pairs, rows, cols):
+        raise MassactError(f"token mask has shape {tuple(m.shape)}; accepted: [{rows}, {cols}] or "
+                           f"[{pairs}, {rows}, {cols}] (the model's token grid at this size)")
+    return m.clone()
+
+
+def _mask_file(p: Path, grid: tuple[int, int]) -> torch.Tensor:
+    if p.is_dir():
+        if not (p / "mask.npy").is_file():
+            raise MassactError(f"{str(p)!r} holds no mask.npy; accepted: a segmentation run folder")
+        p = p / "mask.npy"
+    if not p.is_file():
+        raise MassactError(f"token mask file {str(p)!r} does not exist; accepted: 'all', a segmentation "
+                           "run folder, a .npy file or a PNG")
+    if p.suffix == ".npy":
+        return torch.from_numpy(np.load(p)).bool()
+    return mask_from_png(p, grid)
+
+
+def transport_metrics(
+    source: torch.Tensor, target: torch.Tensor, result: torch.Tensor, p: torch.Tensor, judge: Any = None
+) -> dict:
+    """Distances of the result to source and target, inside and outside ``p``; judge readings.
+
+    With a judge: ``moved`` is the fraction of pairs whose result shows the source's foreground
+    colour / shape, ``kept`` the fraction keeping the target's background colour, and
+    ``already`` the same fractions for the untouched target (the baseline to beat).
+
+    Shapes:
+        source, target, result: [n, 3, H, W]; p: [n, rows, cols] bool.
+    """
+    h, w = result.shape[-2:]
+    pix = torch.stack([upsample_mask(m, (h, w)) for m in p])
+    out: dict = {"token_fraction": float(p.float().mean())}
+    for name, ref in (("to_source", source), ("to_target", target)):
+        d = inside_outside(result, ref, pix)
+        out[name] = {k: summarise(v) for k, v in d.items()}
+        out[name]["per_pair"] = {k: v.tolist() for k, v in d.items()}
+    readings = {k: judge_readings(judge, x) for k, x in (("source", source), ("target", target),
+                                                           ("result", result))}
+    if readings["result"] is not None:
+        out["judge"] = readings
+        out["moved"] = _agree(readings["result"], readings["source"], ("fg_colour", "shape"))
+        out["kept"] = _agree(readings["result"], readings["target"], ("bg_colour",))
+        out["already"] = {**_agree(readings["target"], readings["source"], ("fg_colour", "shape")),
+                          **_agree(readings["source"], readings["target"], ("bg_colour",))}
+    return out
+
+
+def _agree(a: list[dict], b: list[dict], attrs: Sequence[str]) -> dict:
+    return {k: sum(x[k] == y[k] for x, y in zip(a, b)) / max(len(a), 1) for k in attrs}
+
+
+def capture_real_image(
+    model: Any, plan: Any, source: ImageSource, n: int, channels: dict[str, torch.Tensor],
+    p: torch.Tensor, copy_norm_out: bool,
+) -> tuple[torch.Tensor, dict, dict]:
+    """Pass 1 of image-conditioned transport: the real image's masked entries per call.
+
+    For pair j the image is noised with seed ``seed + j`` (the noise the target of pair j starts
+    from) to each step's t, and the transformer is run on it with the caption.
+
+    Returns:
+        ``(source images [n, 3, H, W] in [0, 1], stored entries keyed (call, module, pair),
+        byte counts)``.
+    """
+    from .real_image import real_image_activations, trajectory_t_values
+
+    if copy_norm_out:
+        raise MassactError("copy_norm_out is not available for an image source; accepted: "
+                           "copy_norm_out=False with --source-image")
+    if not isinstance(source.caption, str) or not source.caption.strip():
+        raise MassactError("empty source caption; accepted: a non-empty --source-caption")
+    t_values = trajectory_t_values(model, plan.gen)
+    modules = [s.module for s in plan.sites]
+    stored: dict = {}
+    count = {"stored_bytes": 0, "full_bytes": 0}
+    image = None
+    reps = 2 if plan.batched_cfg else 1
+    for j in range(n):
+        acts = real_image_activations(model, source.image, source.caption, t_values, sites=modules,
+                                      channels=channels, generation=plan.gen, seed=plan.gen.seed + j,
+                                      posterior=source.posterior)
+        image = acts.noised.image
+        p_idx = p[j].flatten().nonzero().flatten()
+        for call in plan.schedule:
+            if not plan.active(call):
+                continue
+            for s in plan.sites:
+                tok = acts.tokens[s.module][call.step][None].index_select(1, p_idx).repeat(reps, 1, 1)
+                stored[(call.index, s.module, j)] = tok
+                count["stored_bytes"] += tok.numel() * tok.element_size()
+                count["full_bytes"] += reps * plan.n_img * s.channels * tok.element_size()
+    src = ((image.float().cpu() + 1) / 2).clamp(0, 1).expand(n, -1, -1, -1).contiguous()
+    return src, stored, count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections import Counter
 
 import pytest
@@ -163,6 +164,23 @@ def test_tiny_families_match_plain_hooks(name, layers):
     assert [s.module for s in result.channels.sites] == [f"{layers}.{i}" for i in range(4)]
     fresh, _ = tiny_model(name, seed=3)
     assert_matches_hooks(result, hook_stats(fresh, tok, layers, TINY_PROMPTS))
+
+
+def test_nnsight_language_model_is_accepted():
+    from nnsight import LanguageModel
+
+    model, tok = tiny_model("gpt2-tiny", seed=2)
+    with warnings.catch_warnings():  # LanguageModel is deprecated in nnsight 0.8.1, still works
+        warnings.simplefilter("ignore")
+        lm = LanguageModel(model, tokenizer=tok)
+    llm = wrap(lm)  # tokenizer taken from the LanguageModel
+    assert llm.model is lm and llm.layers == "transformer.h"
+    a = collect_llm_stats(llm, TINY_PROMPTS, LLMStatsConfig(k=2, progress=False))
+    b = collect_llm_stats(wrap(model, tok, "plain"), TINY_PROMPTS, LLMStatsConfig(k=2, progress=False))
+    for i in range(4):
+        assert torch.equal(a.channels.stat(i, "abs_mean"), b.channels.stat(i, "abs_mean"))
+    with pytest.raises(MassactError, match="no tokenizer"):
+        wrap(model)
 
 
 def test_planted_gpt2_channel_is_top1_at_later_layers():

@@ -49,17 +49,35 @@ class LoadedLLM:
     source: dict = field(default_factory=dict)
 
 
-def wrap(hf_model: torch.nn.Module, tokenizer: Any, name: str, source: dict | None = None) -> LoadedLLM:
-    """Wrap an in-memory transformers model for :func:`collect_llm_stats`.
+def wrap(
+    model: Any, tokenizer: Any = None, name: str | None = None, source: dict | None = None
+) -> LoadedLLM:
+    """Prepare a model for :func:`collect_llm_stats`.
+
+    Args:
+        model: A transformers model (wrapped here with ``nnsight.NNsight``) or an nnsight model
+            over one (``NNsight``, ``LanguageModel``), used as is.
+        tokenizer: Its tokenizer (default: the nnsight model's ``tokenizer``).
+        name: Name for run metadata (default: the config's ``_name_or_path`` or the class name).
+        source: Where the weights came from, for run metadata.
 
     Raises:
-        MassactError: if the model's structure is not one of the supported families.
+        MassactError: if the model's structure is not one of the supported families, or no
+            tokenizer is given or attached.
     """
+    hf_model = getattr(model, "_module", model)
     fam, layers = family_of(hf_model)
-    with warnings.catch_warnings():
-        # BERT layers have a submodule named ``output``; nnsight renames it and warns per layer.
-        warnings.filterwarnings("ignore", message=".*submodule named 'output'.*")
-        model = NNsight(hf_model.eval())
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise MassactError(f"no tokenizer for {type(hf_model).__name__}; pass tokenizer=")
+    if name is None:
+        name = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or type(hf_model).__name__
+    hf_model.eval()
+    if hf_model is model:
+        with warnings.catch_warnings():
+            # BERT layers have a submodule named ``output``; nnsight renames it and warns per layer.
+            warnings.filterwarnings("ignore", message=".*submodule named 'output'.*")
+            model = NNsight(hf_model)
     return LoadedLLM(model=model, tokenizer=tokenizer, name=name, family=fam, layers=layers,
                      source=dict(source or {}))
 

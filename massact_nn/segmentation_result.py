@@ -95,10 +95,10 @@ class SegmentationResult:
     def save(self, folder: str | Path) -> Path:
         """Write ``result.safetensors`` and ``meta.json`` into ``folder`` (atomically)."""
         folder = Path(folder)
-        t = {f"aggregated/{k}": v.bool() for k, v in self.aggregated.items()}
-        t.update({f"block/{k}": v.bool() for k, v in self.per_block.items()})
-        t.update({f"channels/{k}": v.long() for k, v in self.channels.items()})
-        t.update({f"baseline/{k}": v.bool() for k, v in self.baselines.items()})
+        t = {f"aggregated/{k}": v.bool().clone() for k, v in self.aggregated.items()}
+        t.update({f"block/{k}": v.bool().clone() for k, v in self.per_block.items()})
+        t.update({f"channels/{k}": v.long().clone() for k, v in self.channels.items()})
+        t.update({f"baseline/{k}": v.bool().clone() for k, v in self.baselines.items()})
         if self.image is not None:
             t["image"] = self.image.float()
         save_tensors(folder / RESULT_FILE, t)

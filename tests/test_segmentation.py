@@ -1,0 +1,216 @@
+"""The segmentation probe and the real-image path on a tiny FLUX.1, against planted ground truth
+and plain-PyTorch hooks on diffusers' own pipelines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from massact_nn.tracing.cli.main import main as cli
+from massact_nn.tracing.generation import GenerationConfig
+from massact_nn.tracing.probes.real_image import (
+    decode_latents,
+    encode_image,
+    noise_to,
+    noised_image,
+    real_image_activations,
+    trajectory_t_values,
+)
+from massact_nn.tracing.probes.segmentation import SegmentConfig, segment
+from massact_nn.tracing.stats import StatsConfig, collect_stats
+
+from massact_nn.errors import MassactError
+from massact_nn.masks import check_complement, load_png_mask, save_png_mask, upsample_nearest
+from massact_nn.segmentation_result import SegmentationResult
+from massact_nn.world import World
+
+EXTRA = {"max_sequence_length": 16, "guidance_scale": 0.0}
+GEN = GenerationConfig(steps=3, seed=5, height=32, width=32, extra=EXTRA)
+PLANT_SITE, PLANT_CHANNEL, A = "transformer_blocks.0", 11, 100.0
+REGION = torch.zeros(8, 8, dtype=torch.bool)
+REGION[2:6, 1:4] = True  # 12 of 64 tokens, off the border: minority and inside the frame
+
+
+@pytest.fixture(scope="module")
+def world_image():
+    wb = World(0).sample(1, seed=3)
+    return torch.from_numpy(wb.images), wb.captions[0], torch.from_numpy(wb.masks[0])
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_flux):
+    """The tiny Flux with +A on REGION and -A elsewhere written onto one channel at one site
+    by an nnsight edit (replayed on every later trace, at every transformer call), and the
+    statistics measured on it."""
+    pattern = torch.where(REGION.flatten(), A, -A)
+    with tiny_flux.edit() as (tracer, edited):
+        for _ in tracer.iter[: GEN.steps]:
+            out = edited.transformer.get(PLANT_SITE).output
+            img = out[1].clone()
+            img[:, :, PLANT_CHANNEL] = pattern
+            edited.transformer.get(PLANT_SITE).output = (out[0], img)
+    stats = collect_stats(edited, ["a red cat", "a blue sea"],
+                          StatsConfig(generation=GEN, k=2, progress=False))
+    return edited, stats
+
+
+# -- planted ground truth ------------------------------------------------------------------------
+def test_planted_channel_is_selected_from_statistics(planted):
+    _, stats = planted
+    assert stats.top(PLANT_SITE, 1).tolist() == [PLANT_CHANNEL]
+
+
+# The edit was recorded for GEN.steps transformer calls; the real-image path makes only one.
+@pytest.mark.filterwarnings("ignore:.*was never reached")
+@pytest.mark.parametrize("source", ["prompt", "image"])
+def test_segmentation_recovers_the_planted_region(planted, world_image, source):
+    model, stats = planted
+    img, caption, _ = world_image
+    src = {"prompt": "a red cat"} if source == "prompt" else {"image": img, "caption": caption}
+    cfg = SegmentConfig(stats=stats, k=1, sites=[PLANT_SITE, "transformer_blocks.1"], steps="0:3",
+                        generation=GEN, **src)
+    r = segment(model, cfg)
+    assert r.channels[f"top/{PLANT_SITE}"].tolist() == [PLANT_CHANNEL]
+    assert torch.equal(r.mask, REGION)
+    for key in (f"top/{PLANT_SITE}/0", "top/transformer_blocks.1/0"):
+        assert torch.equal(r.per_block[key], REGION), key
+    check_complement(r.mask, r.background)
+    for name in ("all", "random", "low", "all_foreground", "centre", "input"):
+        m = r.set_mask(name)
+        assert m.shape == (8, 8) and m.dtype == torch.bool
+        check_complement(m, ~m)
+    # the random control never draws the site's top-k
+    assert PLANT_CHANNEL not in r.channels[f"random/{PLANT_SITE}"].tolist()
+    assert r.meta["steps"] == ([0, 1, 2] if source == "prompt" else [0])
+
+
+def test_without_the_plant_the_region_is_not_found(tiny_flux, planted):
+    # The same channel on the unedited model carries no region: the test above can fail.
+    _, stats = planted
+    r = segment(tiny_flux, SegmentConfig(stats=stats, prompt="a red cat", k=1, sites=[PLANT_SITE],
+                                         steps="1", generation=GEN))
+    assert not torch.equal(r.mask, REGION)
+
+
+# -- the real-image path -------------------------------------------------------------------------
+def test_encode_decode_shapes_and_noising_at_zero(tiny_flux, world_image):
+    img, _, _ = world_image
+    z = encode_image(tiny_flux, img)
+    assert z.shape == (1, 4, 16, 16)  # tiny VAE: factor 2
+    assert decode_latents(tiny_flux, z).shape == (1, 3, 32, 32)
+    noise = torch.randn_like(z)
+    assert torch.equal(noise_to(z, 0.0, noise), z)
+    assert torch.equal(noise_to(z, 1.0, noise), noise)
+    n = noised_image(tiny_flux, img, [0.0, 0.5], 32, 32, seed=1)
+    assert n.noisy.shape == (2, 64, 16)
+    assert torch.equal(n.noisy[0], n.clean[0])
+    with pytest.raises(MassactError, match="t=.*accepted: 0 <= t <= 1"):
+        noise_to(z, 1.5, noise)
+
+
+def _input_hooks(tr, store):
+    """What the transformer consumes (packed latents, timestep x1000, text embeddings) and one
+    block's image stream, first call only, by plain PyTorch hooks."""
+
+    def keep(key, value):
+        store.setdefault(key, value.detach().clone())
+
+    return [
+        tr.x_embedder.register_forward_pre_hook(lambda m, a: keep("x", a[0])),
+        tr.time_text_embed.register_forward_pre_hook(lambda m, a: keep("t", a[0])),
+        tr.context_embedder.register_forward_pre_hook(lambda m, a: keep("c", a[0])),
+        tr.get_submodule("transformer_blocks.1").register_forward_hook(lambda m, a, o: keep("h", o[1])),
+    ]
+
+
+def test_transformer_input_at_t_matches_diffusers_img2img(tiny_flux, world_image):
+    from diffusers import FluxImg2ImgPipeline
+
+    img, caption, _ = world_image
+    pipe = tiny_flux.pipeline
+    ref, ours = {}, {}
+    handles = _input_hooks(pipe.transformer, ref)
+    try:  # 4 steps at strength 0.5 start at sigma 0.5; img2img samples the posterior, then noise
+        FluxImg2ImgPipeline(**pipe.components)(
+            prompt=caption, image=(img + 1) / 2, strength=0.5, num_inference_steps=4, height=32,
+            width=32, generator=torch.Generator().manual_seed(7), output_type="latent", **EXTRA)
+    finally:
+        [h.remove() for h in handles]
+    handles = _input_hooks(pipe.transformer, ours)
+    try:
+        act = real_image_activations(tiny_flux, img, caption, [0.5], sites=["transformer_blocks.1"],
+                                     generation=GEN, seed=7, posterior="sample")
+    finally:
+        [h.remove() for h in handles]
+    for key in ("x", "t", "c", "h"):
+        assert torch.equal(ref[key], ours[key]), key
+    assert float(ref["t"][0]) == 500.0
+    assert torch.equal(act.tokens["transformer_blocks.1"], ref["h"])
+
+
+def test_trajectory_t_values_are_what_the_pipeline_feeds(tiny_flux):
+    seen = []
+    h = tiny_flux.pipeline.transformer.time_text_embed.register_forward_pre_hook(
+        lambda m, a: seen.append(float(a[0][0]) / 1000))
+    try:
+        tiny_flux.pipeline("a cat", num_inference_steps=4, height=32, width=32, output_type="latent",
+                           **EXTRA)
+    finally:
+        h.remove()
+    got = trajectory_t_values(tiny_flux, GenerationConfig(steps=4, height=32, width=32, extra=EXTRA))
+    assert got == pytest.approx(seen, abs=1e-6) and len(got) == 4
+
+
+# -- CLI and bad input ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_files(tiny_flux_dir, planted, world_image, tmp_path_factory):
+    from massact_nn.images import save_png
+
+    d = tmp_path_factory.mktemp("seg_cli")
+    planted[1].save(d / "stats")
+    img, caption, mask = world_image
+    save_png(d / "img.png", (img[0] + 1) / 2)
+    save_png_mask(d / "gt.png", mask)
+    save_png_mask(d / "gt_small.png", mask[:16, :16])
+    base = ["segment", "--model", str(tiny_flux_dir), "--stats", str(d / "stats"), "--height", "32",
+            "--width", "32"]
+    return d, caption, base
+
+
+def test_cli_writes_the_run_folder(run_files, capsys):
+    d, caption, base = run_files
+    out = d / "out"
+    code = cli([*base, "--image", str(d / "img.png"), "--caption", caption, "--t", "0.5",
+                "--k", "2", "--sites", "3", "--gt-mask", str(d / "gt.png"), "--out", str(out)])
+    assert code == 0
+    for f in ("mask.png", "mask.npy", "overlay.png", "metrics.json", "result.safetensors", "meta.json"):
+        assert (out / f).is_file(), f
+    r = SegmentationResult.load(out)
+    tokens = np.load(out / "mask.npy")
+    assert tokens.dtype == bool and tokens.shape == (8, 8) and np.array_equal(tokens, r.mask.numpy())
+    assert torch.equal(load_png_mask(out / "mask.png", (32, 32)), upsample_nearest(r.mask, 32, 32))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["iou"]) == {"top", "all", "random", "low", "all_foreground", "centre", "input"}
+    assert metrics["iou"] == pytest.approx(r.iou(load_png_mask(d / "gt.png")))
+    assert r.meta["t"] == 0.5 and r.meta["caption"] == caption
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--prompt", "a cat", "--gt-mask", "{d}/gt_small.png"], r"shape \(16, 16\); accepted: \(32, 32\)"),
+    (["--prompt", "a cat", "--sites", "nope"], "unknown site 'nope'; accepted"),
+    (["--prompt", "a cat", "--k", "999"], "k=999 is out of range; accepted: 1..32"),
+    (["--image", "{d}/missing.png", "--caption", "x"], "image file .*missing.png.* does not exist"),
+    (["--image", "{d}/img.png"], "needs a caption"),
+    ([], "give exactly one source"),
+])
+def test_bad_input_one_line_nonzero_exit(run_files, capsys, extra, match):
+    import re
+
+    d, _, base = run_files
+    args = [*base, "--num-steps", "2", *[a.format(d=d) for a in extra], "--out", str(d / "bad")]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("massact: error:")
+    assert re.search(match, err), err

@@ -263,3 +263,14 @@ def segment(model: Any, config: SegmentConfig) -> SegmentationResult:
         baselines=baseline_masks(inputs, plan.grid, *opts), primary=config.channels,
         image_size=(plan.gen.height, plan.gen.width), image=image, meta=meta,
     )
+
+
+def evaluate_segmentation(model: Any, stats: ChannelStats | str | Path, **kwargs: Any) -> dict:
+    """Mask IoU against the shapes world's true masks, with controls and baselines.
+
+    See :func:`massact_nn.tracing.probes.segmentation_eval.evaluate_segmentation` for the
+    arguments; this name is what ``massact evaluate`` imports.
+    """
+    from .segmentation_eval import evaluate_segmentation as run
+
+    return run(model, stats, **kwargs)

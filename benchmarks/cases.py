@@ -1,0 +1,89 @@
+"""The benchmarked cases: each is a function of a loaded :class:`Bench`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Bench:
+    model: Any  # nnsight DiffusionModel
+    tokens: int
+    steps: int
+    side: int
+    device: str
+    sites: int = 0
+    extra: dict = field(default_factory=dict)
+    stats: Any = None
+
+    @classmethod
+    def load(cls, folder: Path, tokens: int, steps: int, device: str, dtype: str) -> Bench:
+        from massact_nn.tracing.model import load_model
+        from massact_nn.tracing.sites import sites_of
+
+        model = load_model(folder, device, dtype)
+        # Tiny VAE: 2x downsampling, then Flux packs 2x2 latents into one token.
+        side = int(round(tokens ** 0.5)) * 4
+        b = cls(model, tokens, steps, side, device)
+        b.sites = len(sites_of(model))
+        return b
+
+    def kwargs(self, n: int = 1, seed: int = 0) -> dict:
+        gens = [torch.Generator(self.device).manual_seed(seed + i) for i in range(n)]
+        return dict(num_inference_steps=self.steps, height=self.side, width=self.side,
+                    max_sequence_length=16, generator=gens, output_type="latent")
+
+    def gen(self):
+        from massact_nn.tracing.generation import GenerationConfig
+
+        return GenerationConfig(steps=self.steps, seed=0, height=self.side, width=self.side,
+                                batch_size=1, extra={"max_sequence_length": 16})
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+
+PROMPT = ["a red circle on a blue background"]
+
+
+def plain(b: Bench) -> None:
+    b.model.pipeline(PROMPT, **b.kwargs())
+
+
+def nnsight_empty(b: Bench) -> None:
+    with b.model.generate(PROMPT, **b.kwargs()):
+        pass
+
+
+def stats(b: Bench) -> None:
+    from massact_nn.tracing.stats import StatsConfig, collect_stats
+
+    b.stats = collect_stats(b.model, PROMPT, StatsConfig(b.gen(), progress=False))
+
+
+def naive_save_all(b: Bench) -> None:
+    """What a user writes first: save every block output with nnsight, reduce afterwards."""
+    tr = b.model.transformer
+    blocks = list(tr.transformer_blocks) + list(tr.single_transformer_blocks)
+    saved: list = []
+    with b.model.generate(PROMPT, **b.kwargs()) as tracer:
+        for _ in tracer.iter[: b.steps]:
+            for blk in blocks:
+                saved.append(blk.output[1].clone())
+    stored = sum(x.numel() * x.element_size() for x in saved)
+    torch.stack([x.float().mean(1).abs() for x in saved]).sum(0)
+    b.extra["naive_save_all"] = {"stored_MiB": round(stored / 2**20, 1)}
+
+
+CASES: dict[str, Callable[[Bench], None]] = {
+    "plain": plain,
+    "nnsight_empty": nnsight_empty,
+    "stats": stats,
+    "naive_save_all": naive_save_all,
+}

@@ -1,0 +1,149 @@
+"""Time and memory of massact-nn's interventions against the plain diffusers pipeline.
+
+One script, one table: every case runs on the same tiny-but-shaped FLUX.1 transformers at several
+image-token counts, with interleaved repetitions (so drift in machine load hits every case alike)
+and medians. Peak memory is measured in a fresh subprocess per case (RSS high-water mark on CPU,
+``torch.cuda.max_memory_allocated`` on a GPU), since a process's peak can only grow.
+
+    python benchmarks/run.py --quick        # < 10 minutes on 2 CPU cores
+    python benchmarks/run.py --device cuda --width 3072 --dtype bfloat16 --tokens 4096
+
+The last line reads ``stats/plain at 1024 tokens: <ratio>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cases import CASES, Bench  # noqa: E402
+
+
+def build(folder: Path, width: int, blocks: tuple[int, int]) -> Path:
+    from massact_nn.tracing.testing.tiny import build_flux
+
+    head_dim = 64 if width >= 64 else width // 2
+    return build_flux(folder, seed=0, double=blocks[0], single=blocks[1], heads=width // head_dim,
+                      head_dim=head_dim)
+
+
+def measure_memory(args, folder: Path, tokens: int, case: str) -> float | None:
+    cmd = [sys.executable, __file__, "--child", case, "--folder", str(folder), "--tokens", str(tokens),
+           "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in out.stdout.splitlines():
+        if line.startswith("PEAK "):
+            return float(line.split()[1])
+    print(f"  memory run of {case} at {tokens} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return None
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(args) -> None:
+    """Run one case once in a fresh process and print the peak memory it added.
+
+    On CPU a sampling thread reads the resident set size every millisecond during the case:
+    the process-wide high-water mark would also count model loading, which dwarfs the case.
+    """
+    torch.set_num_threads(1)
+    bench = Bench.load(Path(args.folder), args.tokens[0], args.steps, args.device, args.dtype)
+    fn = CASES[args.child]
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(bench)
+        torch.cuda.synchronize()
+        print(f"PEAK {(torch.cuda.max_memory_allocated() - base) / 2**20:.1f}")
+        return
+    import threading
+
+    base, peak, done = _rss_mib(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    fn(bench)
+    done.set()
+    t.join()
+    print(f"PEAK {max(peak[0], _rss_mib()) - base:.1f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="256 and 1024 tokens, 3 repetitions")
+    p.add_argument("--tokens", type=int, nargs="*", default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--blocks", type=int, nargs=2, default=(2, 4), metavar=("DOUBLE", "SINGLE"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--cases", nargs="*", default=None)
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--json", default=None, help="also write the table as JSON")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    torch.set_num_threads(1)
+    tokens = args.tokens or ([256, 1024] if args.quick else [256, 1024, 4096])
+    reps = args.reps or (3 if args.quick else 5)
+    cases = args.cases or list(CASES)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build(Path(tmp) / "flux", args.width, tuple(args.blocks))
+        for n in tokens:
+            bench = Bench.load(folder, n, args.steps, args.device, args.dtype)
+            print(f"== {n} image tokens, width {args.width}, blocks {tuple(args.blocks)}, "
+                  f"{args.steps} steps, {bench.sites} sites, {args.device} {args.dtype}")
+            for c in cases:  # warm-up
+                CASES[c](bench)
+            times: dict[str, list[float]] = {c: [] for c in cases}
+            for _ in range(reps):
+                for c in cases:
+                    bench.sync()
+                    t0 = time.perf_counter()
+                    CASES[c](bench)
+                    bench.sync()
+                    times[c].append(time.perf_counter() - t0)
+            plain_t = statistics.median(times["plain"])
+            mem = {} if args.no_memory else {c: measure_memory(args, folder, n, c) for c in cases}
+            for c in cases:
+                t = statistics.median(times[c])
+                m = mem.get(c)
+                ratio = (m / mem["plain"]) if m and mem.get("plain") else None
+                rows.append({"tokens": n, "case": c, "seconds": t, "time_ratio": t / plain_t,
+                             "peak_mib": m, "mem_ratio": ratio, **bench.extra.get(c, {})})
+                mr = f"{rows[-1]['mem_ratio']:.3f}" if rows[-1]["mem_ratio"] else "  -  "
+                ms = f"{m:9.1f}" if m else "      -  "
+                extra = "  ".join(f"{k}={v}" for k, v in bench.extra.get(c, {}).items())
+                print(f"  {c:<22} {t:8.3f}s  x{t / plain_t:6.3f}   peak +{ms} MiB  x{mr}  {extra}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    at = [r for r in rows if r["case"] == "stats" and r["tokens"] == 1024]
+    if at:
+        print(f"stats/plain at 1024 tokens: {at[0]['time_ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -214,3 +214,28 @@ def test_bad_input_one_line_nonzero_exit(run_files, capsys, extra, match):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("massact: error:")
     assert re.search(match, err), err
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+def test_evaluation_rows_controls_and_baseline_arithmetic(tiny_flux, planted):
+    from massact_nn.tracing.probes.segmentation import evaluate_segmentation
+
+    wb = World(0).sample(2, seed=9)
+    rep = evaluate_segmentation(tiny_flux, planted[1], world_samples=wb, sites=[PLANT_SITE, 3],
+                                steps=[1], t_values=(0.5,), k=2, random_draws=2, num_steps=2,
+                                progress=False)
+    rows = rep["rows"]
+    keys = {(r["source"], r["site"], r["set"]) for r in rows}
+    for src in ("real", "generated"):
+        for site in (PLANT_SITE, "single_transformer_blocks.1", "vote"):
+            for name in ("top-2", "all", "random-2", "low-2"):
+                assert (src, site, name) in keys
+        for name in ("all_foreground", "centre", "input"):
+            assert (src, "-", name) in keys
+    assert all(0.0 <= r["iou_mean"] <= 1.0 for r in rows)
+    by = {(r["source"], r["site"], r["set"]): r for r in rows}
+    assert by[("real", "vote", "random-2")]["n"] == 4 and by[("real", "vote", "top-2")]["n"] == 2
+    # IoU of "everything is foreground" is the true foreground fraction: an independent check.
+    frac = float(wb.masks.reshape(2, -1).mean(1).mean())
+    assert by[("real", "-", "all_foreground")]["iou_mean"] == pytest.approx(frac)
+    assert "| t=0.5 | vote |" in rep["markdown"] and rep["config"]["samples"] == 2

@@ -108,6 +108,8 @@ def transport(
     if image_source and config.mode != "two_pass":
         raise MassactError("image-conditioned transport runs in mode 'two_pass' only; accepted: "
                            "mode='two_pass' with an image source")
+    if image_source:
+        _check_image_source(source)
     plan = make_plan(model, config.generation, config.sites, config.steps)
     channels = _channels(plan, stats, config)
     p = resolve_token_mask(config.token_mask, plan.grid, len(targets))  # [pairs, rows, cols]
@@ -138,6 +140,13 @@ def transport(
     mask = p[0] if bool((p == p[:1]).all()) else p
     return TransportResult(source=src, target=tgt, result=res, token_mask=mask,
                            channels=channels, metrics=metrics, meta=meta)
+
+
+def _check_image_source(src: ImageSource) -> None:
+    if isinstance(src.image, (str, Path)) and not Path(src.image).is_file():
+        raise MassactError(f"image file {str(src.image)!r} does not exist; accepted: a PNG or JPEG file")
+    if not isinstance(src.caption, str) or not src.caption.strip():
+        raise MassactError("empty source caption; accepted: a non-empty --source-caption")
 
 
 def _describe(src: ImageSource) -> dict:

@@ -69,10 +69,11 @@ def resolve_token_mask(spec: Any, grid: tuple[int, int], pairs: int) -> torch.Te
     else:
         raise MassactError(f"token mask {spec!r} not understood; accepted: 'all', a [rows, cols] bool "
                            "tensor, a segmentation run folder, a .npy file or a PNG")
+    given = tuple(m.shape)
     if m.ndim == 2:
         m = m[None].expand(pairs, -1, -1)
     if tuple(m.shape) != (pairs, rows, cols):
-        raise MassactError(f"token mask has shape {tuple(m.shape)}; accepted: [{rows}, {cols}] or "
+        raise MassactError(f"token mask has shape {given}; accepted: [{rows}, {cols}] or "
                            f"[{pairs}, {rows}, {cols}] (the model's token grid at this size)")
     return m.clone()
 

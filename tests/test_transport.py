@@ -1,0 +1,196 @@
+"""Transport: the pure joint-mask math, identities on a tiny Flux, mode agreement, CLI errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from massact_nn.tracing.cli.main import main as cli
+from massact_nn.tracing.generation import GenerationConfig
+from massact_nn.tracing.probes.transport import ImageSource, TransportConfig, save_transport, transport
+from massact_nn.tracing.probes.transport_parts import resolve_token_mask, rows_of
+from massact_nn.tracing.sites import sites_of
+from massact_nn.tracing.stats import StatsConfig, collect_stats
+
+from massact_nn.errors import MassactError
+from massact_nn.images import save_png
+from massact_nn.transport import (
+    TransportResult,
+    blend,
+    channel_mask,
+    gather,
+    joint_mask,
+    scatter_blend,
+    token_mask,
+)
+
+GEN = GenerationConfig(steps=3, seed=7, height=32, width=32)
+SRC, TGT = ["a red cat", "a green tree"], ["a blue dog on the sea", "a cat"]
+
+
+# -- pure math --------------------------------------------------------------------------------
+def test_joint_mask_and_blend():
+    p = torch.tensor([True, False, True])
+    m = channel_mask(torch.tensor([1, 3]), 4)
+    M = joint_mask(p, m)
+    assert M.shape == (3, 4) and M.sum() == 4 and M[0, 1] and M[2, 3] and not M[1].any()
+    t, s = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    out = blend(t, s, M, 1.0)
+    assert torch.equal(out[:, M], s[:, M]) and torch.equal(out[:, ~M], t[:, ~M])
+    assert torch.equal(blend(t, s, M, 0.0), t)
+    torch.testing.assert_close(blend(t, s, M, 0.25)[:, M], 0.75 * t[:, M] + 0.25 * s[:, M])
+    # Complementary masks cover every entry: transporting M then ~M gives the source exactly.
+    assert torch.equal(blend(blend(t, s, M), s, ~M), s)
+
+
+def test_two_pass_storage_equals_blend():
+    t, s = torch.randn(2, 6, 5), torch.randn(2, 6, 5)
+    tok, ch = torch.tensor([0, 4, 5]), torch.tensor([1, 2])
+    M = joint_mask(token_mask(torch.isin(torch.arange(6), tok), 6), channel_mask(ch, 5))
+    stored = gather(s, tok, ch)
+    assert stored.shape == (2, 3, 2)
+    for a in (1.0, 0.4):
+        torch.testing.assert_close(scatter_blend(t, stored, tok, ch, a), blend(t, s, M, a))
+
+
+def test_pure_shape_checks():
+    with pytest.raises(MassactError, match="differ in shape"):
+        blend(torch.zeros(1, 4, 2), torch.zeros(1, 5, 2), torch.ones(4, 2, dtype=torch.bool))
+    with pytest.raises(MassactError, match="joint mask shape"):
+        blend(torch.zeros(1, 4, 2), torch.zeros(1, 4, 2), torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(MassactError, match="the image stream has 16"):
+        token_mask(torch.ones(3, 3), 16)
+    with pytest.raises(MassactError, match="alpha"):
+        blend(torch.zeros(1, 4, 2), torch.zeros(1, 4, 2), torch.ones(4, 2, dtype=torch.bool), 1.5)
+
+
+def test_token_masks_union_and_complement_cover_grid(tmp_path):
+    fg = torch.zeros(4, 4, dtype=torch.bool)
+    fg[1:3, 1:3] = True
+    np.save(tmp_path / "fg.npy", fg.numpy())
+    np.save(tmp_path / "bg.npy", (~fg).numpy())
+    u = resolve_token_mask([str(tmp_path / "fg.npy"), str(tmp_path / "bg.npy")], (4, 4), 2)
+    assert u.shape == (2, 4, 4) and u.all()
+    assert torch.equal(resolve_token_mask(str(tmp_path / "fg.npy"), (4, 4), 1)[0], fg)
+    assert resolve_token_mask("all", (4, 4), 3).all()
+    with pytest.raises(MassactError, match="token mask has shape"):
+        resolve_token_mask(torch.ones(3, 3, dtype=torch.bool), (4, 4), 1)
+
+
+def test_rows_of_batched_cfg_layout():
+    assert rows_of(2, 2, 3, False).tolist() == [4, 5]
+    assert rows_of(0, 2, 3, True).tolist() == [0, 1, 6, 7]
+    assert rows_of(1, 2, 2, True, pair=1).tolist() == [3, 7]
+
+
+# -- on a tiny Flux ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def every_channel(tiny_flux):
+    return {s.module: torch.arange(s.channels) for s in sites_of(tiny_flux)}
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tiny_flux, tmp_path_factory):
+    st = collect_stats(tiny_flux, ["a red cat", "a dog"],
+                       StatsConfig(GenerationConfig(steps=2, height=32, width=32), k=2, progress=False))
+    return st.save(tmp_path_factory.mktemp("tstats"))
+
+
+@pytest.mark.parametrize("mode", ["batched", "two_pass"])
+def test_full_transport_with_norm_out_reproduces_source(tiny_flux, every_channel, mode):
+    cfg = TransportConfig(generation=GEN, channels=every_channel, mode=mode, copy_norm_out=True,
+                          progress=False)
+    r = transport(tiny_flux, SRC, TGT, None, cfg)
+    assert (r.target - r.source).abs().max() > 1e-3, "source and target must differ for the test to mean much"
+    assert torch.equal(r.result, r.source)
+    if mode == "two_pass":
+        assert r.meta["stored_bytes"] == r.meta["full_bytes"] > 0  # p = all, m = all: everything stored
+
+
+@pytest.mark.parametrize("mode", ["batched", "two_pass"])
+def test_alpha_zero_reproduces_target(tiny_flux, every_channel, mode):
+    cfg = TransportConfig(generation=GEN, channels=every_channel, mode=mode, alpha=0.0, copy_norm_out=True,
+                          progress=False)
+    r = transport(tiny_flux, SRC, TGT, None, cfg)
+    assert torch.equal(r.result, r.target)
+
+
+def test_blocks_without_norm_out_are_not_an_identity(tiny_flux, every_channel):
+    # Design notes, pitfall 10: norm_out is modulated by the target's pooled text embedding.
+    cfg = TransportConfig(generation=GEN, channels=every_channel, progress=False)
+    r = transport(tiny_flux, SRC, TGT, None, cfg)
+    assert (r.result - r.source).abs().max() > 1e-4
+
+
+def test_modes_agree_on_a_partial_transport(tiny_flux, stats_dir, tmp_path):
+    p = torch.zeros(8, 8, dtype=torch.bool)
+    p[:4] = True
+    kw = dict(generation=GEN, k=3, token_mask=p, alpha=0.6, steps="1:", sites=[0, 2, 3], progress=False)
+    a = transport(tiny_flux, SRC, TGT, stats_dir, TransportConfig(mode="batched", **kw))
+    b = transport(tiny_flux, SRC, TGT, stats_dir, TransportConfig(mode="two_pass", **kw))
+    torch.testing.assert_close(a.result, b.result, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.target, b.target, rtol=1e-4, atol=1e-5)
+    assert (a.result - a.target).abs().max() > 0
+    # Only tokens in p x top-3 channels are stored: 32 of 64 tokens, 3 of 32 channels.
+    assert b.meta["stored_bytes"] * 64 * 32 == b.meta["full_bytes"] * 32 * 3
+    m = b.metrics
+    assert m["token_fraction"] == 0.5 and m["to_source"]["inside"] is not None
+    save_transport(b, tmp_path / "run")
+    back = TransportResult.load(tmp_path / "run")
+    for name in ("source", "target", "result", "token_mask"):
+        assert torch.equal(getattr(back, name), getattr(b, name))
+    assert back.channels.keys() == b.channels.keys() and back.metrics == b.metrics
+    assert back.meta["target_prompts"] == TGT
+    assert all((tmp_path / "run" / f"{n}.png").is_file() for n in ("source", "target", "result", "mask"))
+
+
+def test_image_conditioned_transport(tiny_flux, stats_dir, tmp_path):
+    img = torch.rand(3, 32, 32)
+    save_png(tmp_path / "src.png", img)
+    src = ImageSource(str(tmp_path / "src.png"), "a red cat")
+    base = dict(generation=GEN, k=4, mode="two_pass", progress=False)
+    r = transport(tiny_flux, src, TGT, stats_dir, TransportConfig(**base))
+    assert r.source.shape == r.target.shape == (2, 3, 32, 32)
+    assert (r.result - r.target).abs().max() > 0
+    r0 = transport(tiny_flux, src, TGT, stats_dir, TransportConfig(alpha=0.0, **base))
+    assert torch.equal(r0.result, r0.target)
+    with pytest.raises(MassactError, match="two_pass"):
+        transport(tiny_flux, src, TGT, stats_dir, TransportConfig(**{**base, "mode": "batched"}))
+    bad = ImageSource(torch.zeros(1, 3, 16, 16), "a red cat")
+    with pytest.raises(MassactError, match="shape"):
+        transport(tiny_flux, bad, TGT, stats_dir, TransportConfig(**base))
+
+
+# -- CLI: bad input is one line and a non-zero exit -------------------------------------------
+def _bad_mask(tmp_path):
+    np.save(tmp_path / "m.npy", np.ones((3, 3), dtype=bool))
+    return str(tmp_path / "m.npy")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--source-prompt", "a", "--source-prompt", "b", "--target-prompt", "c"], "2 source prompts for 1"),
+    (["--source-prompt", "a", "--target-prompt", "c", "--k", "33"], "k=33 is out of range"),
+    (["--source-prompt", "a", "--target-prompt", "c", "--mask", "MASK"], "token mask has shape (3, 3)"),
+    (["--source-prompt", "a", "--target-prompt", "c", "--sites", "single_transformer_blocks.7"],
+     "unknown site"),
+    (["--source-image", "nope.png", "--source-caption", "x", "--target-prompt", "c", "--mode", "two_pass"],
+     "does not exist"),
+    (["--target-prompt", "c"], "no source given"),
+])
+def test_cli_bad_input(tiny_flux_dir, stats_dir, tmp_path, capsys, extra, needle):
+    extra = [_bad_mask(tmp_path) if e == "MASK" else e for e in extra]
+    code = cli(["transport", "--model", str(tiny_flux_dir), "--stats", str(stats_dir), "--num-steps", "1",
+                "--height", "32", "--width", "32", "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_cli_site_missing_from_stats(tiny_flux_dir, tiny_flux, tmp_path, capsys):
+    st = collect_stats(tiny_flux, ["a cat"], StatsConfig(GenerationConfig(steps=1, height=32, width=32), k=2,
+                                                          sites=[0], progress=False))
+    st.save(tmp_path / "st")
+    code = cli(["transport", "--model", str(tiny_flux_dir), "--stats", str(tmp_path / "st"),
+                "--num-steps", "1", "--height", "32", "--width", "32", "--source-prompt", "a",
+                "--target-prompt", "b", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not in the statistics run" in err[0], err

@@ -89,7 +89,7 @@ def build_auraflow(folder, *, seed: int = 0, plant: tuple[int, float] | None = N
     """A tiny ``AuraFlowPipeline`` (UMT5).
 
     AuraFlow has no biases: the plant uses :func:`plant_swiglu` on the first joint block's image
-    feed-forward, whose gate (a bias-free modulation) is small: plant with a large scale.
+    feed-forward.
     """
     from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
@@ -100,6 +100,11 @@ def build_auraflow(folder, *, seed: int = 0, plant: tuple[int, float] | None = N
         attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=32,
         caption_projection_dim=WIDTH, out_channels=4, pos_embed_max_size=64,
     )
+    with torch.no_grad():
+        # The adaLN modulations have no bias, and at default init their gates are ~0.01: blocks
+        # would barely write into the residual stream (the text would barely matter).
+        for block in [*transformer.joint_transformer_blocks, *transformer.single_transformer_blocks]:
+            block.norm1.linear.weight.mul_(20.0)
     if plant is not None:
         ff = transformer.joint_transformer_blocks[0].ff
         plant_swiglu(ff.linear_1.weight.data, ff.linear_2.weight.data, ff.out_projection, *plant)

@@ -1,0 +1,214 @@
+"""Every covered DiT family, end to end on a tiny random pipeline.
+
+`collect_stats` (nnsight) is compared with an independent plain-PyTorch computation: forward
+hooks on the plain diffusers pipeline that take the image tokens from the layout knowledge
+written below (read from the diffusers 0.42.1 sources), not from the library's adapters.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from massact_nn.tracing.generation import GenerationConfig
+from massact_nn.tracing.stats import StatsConfig, collect_stats
+from massact_nn.tracing.testing.tiny import BUILDERS, CALL_DEFAULTS
+
+PROMPTS = ["a red cat", "a large blue square on the left"]
+STEPS, SIZE, SEED = 2, 32, 3
+
+
+def _second(out, n):
+    return out[1]
+
+
+def _first(out, n):
+    return out[0]
+
+
+def _tensor(out, n):
+    return out
+
+
+def _last_n(out, n):
+    assert out.shape[1] > n, "a joint text+image tensor must hold more than the image tokens"
+    return out[:, -n:]
+
+
+# Where each block list's image stream is, per family: the test's own reading of the sources.
+IMAGE_OF = {
+    "flux": {"transformer_blocks": _second, "single_transformer_blocks": _second},
+    "flux2": {"transformer_blocks": _second, "single_transformer_blocks": _last_n},
+    "qwenimage": {"transformer_blocks": _second},
+    "sana": {"transformer_blocks": _tensor},
+    "pixart": {"transformer_blocks": _tensor},
+    "sd3": {"transformer_blocks": _second},
+    "chroma": {"transformer_blocks": _second, "single_transformer_blocks": _last_n},
+    "cogview4": {"transformer_blocks": _first},
+    "auraflow": {"joint_transformer_blocks": _second, "single_transformer_blocks": _last_n},
+}
+FAMILIES = sorted(IMAGE_OF)
+
+# Pipeline kwargs with guidance off, and (kwargs, mode) with guidance on.
+_NEG = {"negative_prompt": [""] * len(PROMPTS)}
+GUIDANCE_OFF = {f: {"guidance_scale": 1.0} for f in FAMILIES} | {"flux": {}, "qwenimage": {}}
+GUIDANCE_ON = {
+    "flux": ({"true_cfg_scale": 2.0, **_NEG}, "two_calls"),
+    "flux2": ({"guidance_scale": 3.0}, "two_calls"),
+    "qwenimage": ({"true_cfg_scale": 3.0, **_NEG}, "two_calls"),
+    "chroma": ({"guidance_scale": 3.0}, "two_calls"),
+    "cogview4": ({"guidance_scale": 3.0}, "two_calls"),
+    "sana": ({"guidance_scale": 3.0}, "batched"),
+    "pixart": ({"guidance_scale": 3.0}, "batched"),
+    "sd3": ({"guidance_scale": 3.0}, "batched"),
+    "auraflow": ({"guidance_scale": 3.0}, "batched"),
+}
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """``get(family, plant=None)``: the family's tiny pipeline folder loaded as a DiffusionModel
+    (built and loaded once per session)."""
+    from massact_nn.tracing.model import load_model
+
+    cache: dict = {}
+
+    def get(family: str, plant: tuple[int, float] | None = None):
+        key = (family, plant)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny_{family}")
+            BUILDERS[family](folder, seed=0 if plant is None else 1, plant=plant)
+            cache[key] = (folder, load_model(folder))
+        return cache[key]
+
+    return get
+
+
+def _extra(family: str, guidance: dict) -> dict:
+    return {**CALL_DEFAULTS[family], **guidance}
+
+
+def _stats(model, family: str, guidance: dict, include_uncond: bool = False):
+    gen = GenerationConfig(steps=STEPS, seed=SEED, height=SIZE, width=SIZE, extra=_extra(family, guidance))
+    return collect_stats(model, PROMPTS, StatsConfig(gen, include_uncond=include_uncond, progress=False))
+
+
+def hook_stats(folder, family: str, guidance: dict, mode: str = "none", branch: str = "cond"):
+    """The statistics by plain forward hooks on the plain diffusers pipeline.
+
+    ``branch`` picks what is counted under guidance: ``"cond"``, ``"uncond"`` or ``"both"``.
+
+    Returns ``({module: {"abs_mean", "mean_abs", "max_abs"}}, calls, rows_per_call)``.
+    """
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    tr = pipe.transformer
+    n = len(PROMPTS)
+    state = {"call": -1, "n_img": 0, "rows": set()}
+    acc: dict[str, dict] = {}
+
+    def pre(module, args, kwargs):
+        state["call"] += 1
+        hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if hs.ndim == 3:  # packed token sequence: every token is an image token
+            state["n_img"] = hs.shape[1]
+        else:  # latent image [B, C, H, W], patchified inside the transformer
+            p = tr.config.patch_size
+            state["n_img"] = (hs.shape[-2] // p) * (hs.shape[-1] // p)
+
+    def make_hook(name, image_of):
+        def hook(module, args, out):
+            h = image_of(out, state["n_img"]).detach().float()
+            state["rows"].add(h.shape[0])
+            if mode == "two_calls":  # conditional call first, then the unconditional one
+                if branch != "both" and (state["call"] % 2 == 0) != (branch == "cond"):
+                    return
+            elif mode == "batched" and branch != "both":
+                h = h[n:] if branch == "cond" else h[:n]  # rows are [uncond; cond]
+            a = acc.setdefault(name, {"m": [], "mean_abs": [], "max": []})
+            a["m"].append(h.mean(1).abs())
+            a["mean_abs"].append(h.abs().mean(1))
+            a["max"].append(h.abs().amax((0, 1)))
+
+        return hook
+
+    handles = [tr.register_forward_pre_hook(pre, with_kwargs=True)]
+    for attr, image_of in IMAGE_OF[family].items():
+        for i, block in enumerate(getattr(tr, attr)):
+            handles.append(block.register_forward_hook(make_hook(f"{attr}.{i}", image_of)))
+    gens = [torch.Generator().manual_seed(SEED + i) for i in range(n)]
+    with torch.no_grad():
+        pipe(prompt=PROMPTS, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=gens,
+             **_extra(family, guidance))
+    for h in handles:
+        h.remove()
+    out = {
+        name: {
+            "abs_mean": torch.cat(a["m"]).mean(0),
+            "mean_abs": torch.cat(a["mean_abs"]).mean(0),
+            "max_abs": torch.stack(a["max"]).amax(0),
+        }
+        for name, a in acc.items()
+    }
+    return out, state["call"] + 1, state["rows"]
+
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _assert_same(stats, ref):
+    assert [s.module for s in stats.sites] == list(ref)
+    for module, r in ref.items():
+        for key, expected in r.items():
+            torch.testing.assert_close(stats.stat(module, key), expected, rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, module=module, key=key: f"{module} {key}: {m}")
+
+
+def _matches(stats, ref) -> bool:
+    return all(
+        torch.allclose(stats.stat(m, key), v, rtol=RTOL, atol=ATOL)
+        for m, r in ref.items()
+        for key, v in r.items()
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stats_match_hooks_without_guidance(family, family_model):
+    folder, model = family_model(family)
+    stats = _stats(model, family, GUIDANCE_OFF[family])
+    ref, calls, rows = hook_stats(folder, family, GUIDANCE_OFF[family])
+    assert calls == STEPS and rows == {len(PROMPTS)}, "guidance should be off"
+    assert stats.meta["calls_per_step"] == 1
+    _assert_same(stats, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_guidance_measures_conditional_rows_and_counts_both_on_request(family, family_model):
+    folder, model = family_model(family)
+    guidance, mode = GUIDANCE_ON[family]
+    cond = _stats(model, family, guidance)
+    ref, calls, rows = hook_stats(folder, family, guidance, mode)
+    # Guidance really ran, in the structure the family's pipeline uses.
+    n = len(PROMPTS)
+    assert (calls, rows) == ((2 * STEPS, {n}) if mode == "two_calls" else (STEPS, {2 * n}))
+    assert cond.meta["calls_per_step"] == (2 if mode == "two_calls" else 1)
+    _assert_same(cond, ref)
+
+    # The unconditional branch alone does not pass the same check: the check tells them apart.
+    assert not _matches(cond, hook_stats(folder, family, guidance, mode, branch="uncond")[0])
+
+    both = _stats(model, family, guidance, include_uncond=True)
+    ref_both, _, _ = hook_stats(folder, family, guidance, mode, branch="both")
+    _assert_same(both, ref_both)
+    assert not _matches(both, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_planted_channel_is_top1_at_every_site(family, family_model):
+    channel = 5
+    _, model = family_model(family, plant=(channel, 1000.0))
+    stats = _stats(model, family, GUIDANCE_OFF[family])
+    # The plant is written by the first block and carried by the residual stream to every later one.
+    for s in stats.sites:
+        assert stats.top(s.module, 1).tolist() == [channel], s.module

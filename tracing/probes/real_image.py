@@ -260,7 +260,8 @@ def real_image_activations(
         sites: Module paths or layer indices (``None``: all).
         channels: Per module path, channel ids to keep (indexed on the device, so only these
             cross to the host); sites absent from the dict keep every channel.
-        generation: Size and pipeline extras (``height``/``width`` default to the model's).
+        generation: Size, pipeline extras (``height``/``width`` default to the model's) and
+            ``batch_size``: noise levels per transformer call.
         seed: Seed of the noise (and of the posterior sample).
         posterior: ``mode`` or ``sample`` (see :func:`encode_image`).
     """
@@ -274,9 +275,14 @@ def real_image_activations(
     n = len(noised.t_values)
     # The pipeline feeds t_scheduler / 1000 with t_scheduler = sigma * 1000; mirror that rounding.
     t_feed = (torch.tensor(noised.t_values, dtype=torch.float32) * 1000).to(noised.noisy.dtype) / 1000
-    kw = {k: v for k, v in pipeline_kwargs(gen, [caption] * n, 0, pipe.transformer.device).items()
+    kw = {k: v for k, v in pipeline_kwargs(gen, [caption], 0, pipe.transformer.device).items()
           if k not in ("generator", "num_inference_steps")}
-    tokens = _run_at_t(model, adapter, [caption] * n, noised.noisy, t_feed, chosen, channels or {}, kw)
+    parts = []
+    for a in range(0, n, gen.batch_size):  # generation.batch_size noise levels per call
+        b = min(a + gen.batch_size, n)
+        parts.append(_run_at_t(model, adapter, [caption] * (b - a), noised.noisy[a:b], t_feed[a:b],
+                               chosen, channels or {}, kw))
+    tokens = {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
     keep = {s.module: (channels or {}).get(s.module) for s in chosen}
     return RealActivations(tokens=tokens, channels=keep, noised=noised)
 

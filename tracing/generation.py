@@ -53,7 +53,7 @@ def folder_defaults(model: Any) -> dict:
         p = Path(str(name or "")) / fname
         if name and p.is_file():
             d = json.loads(p.read_text())
-            return dict(d.get("call_defaults", d))
+            return dict(d.get("call_defaults", d.get("call", d)))
     return {}
 
 

@@ -82,6 +82,6 @@ def transport_result() -> TransportResult:
         channels={"transformer_blocks.0": torch.tensor([5, 2]), "transformer_blocks.1": torch.tensor([5, 8])},
         metrics={"to_source": {"inside": 0.001, "outside": 0.3},
                  "to_target": {"inside": 0.4, "outside": 0.0}},
-        meta={"model": "/m/tiny", "source_prompt": "a yellow circle", "target_prompt": "a red circle",
+        meta={"model": "/m/tiny", "source_prompts": ["a yellow circle"], "target_prompts": ["a red circle"],
               "seed": 0},
     )

@@ -114,7 +114,9 @@ def test_transport_strip_shows_source_target_result_and_mask():
     r = transport_result()
     fig = transport_strip(r)
     images = [t for t in fig.data if t.type == "image"]
-    assert [t.hovertemplate.split("<")[0] for t in images] == ["source", "target", "result", "result"]
+    assert [t.hovertemplate.split(":")[0].split("<")[0] for t in images] == [
+        "source", "target", "result", "result"]
+    assert "source: a yellow circle" in images[0].hovertemplate
     for t, want in zip(images, [r.source[0], r.target[0], r.result[0]]):
         px = _decode(t.source)
         f = px.shape[0] // SIZE
@@ -123,8 +125,9 @@ def test_transport_strip_shows_source_target_result_and_mask():
     np.testing.assert_array_equal(np.asarray(heat.z), r.token_mask.numpy().astype(float))
     assert heat.z.shape == GRID
     assert "transformer_blocks.1 [5, 8]" in heat.hovertemplate
-    assert "to_source.inside 0.001" in fig.layout.title.text
-    assert "a yellow circle" in fig.layout.annotations[0].text
+    assert "MSE to source inside p 0.001" in fig.layout.title.text
+    assert "to target outside p 0" in fig.layout.title.text
+    assert any("a yellow circle → a red circle" in a.text for a in fig.layout.annotations)
 
 
 def test_mask_viewer_rejects_a_truth_of_the_wrong_shape():

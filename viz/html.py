@@ -123,6 +123,42 @@ def _cell(v: object) -> str:
     return fmt(v) if isinstance(v, float) else str(v)
 
 
+def metrics_tables(metrics: dict) -> str:
+    """Metrics as readable tables: scalars in one, same-keyed dicts pivoted into another.
+
+    Every group of dicts with the same keys (e.g. ``iou`` and ``foreground_fraction`` per
+    channel set) becomes one table whose rows are those keys and whose columns are the metrics.
+    """
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    groups: dict[tuple, list[str]] = {}
+    flat_parts: dict[str, dict] = {}
+    for k, v in metrics.items():
+        if not isinstance(v, dict):
+            continue
+        flat_parts[k] = {kk: vv for kk, vv in v.items() if not isinstance(vv, (dict, list))}
+        if flat_parts[k]:
+            groups.setdefault(tuple(flat_parts[k]), []).append(k)
+        rest = {kk: vv for kk, vv in v.items() if kk not in flat_parts[k]}
+        scalars.update({f"{k}.{kk}": vv for kk, vv in _flatten(rest).items()})
+    out = []
+    for keys, names in groups.items():
+        rows = [{"": key, **{n: flat_parts[n][key] for n in names}} for key in keys]
+        out.append(table(rows, ["", *names]))
+    if scalars:
+        out.append(table([{"metric": k, "value": v} for k, v in scalars.items()], ["metric", "value"]))
+    return "".join(out)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def gallery(images: Sequence[tuple[str, object]]) -> str:
     """Images inline as base64 PNG with captions; ``images``: ``[(caption, path|bytes|array)]``."""
     items = [

@@ -129,11 +129,14 @@ def disruption_metrics(result: DisruptionResult, title: str | None = None) -> go
         ))
     buttons = [dict(label=n, method="update",
                     args=[{"visible": [i == j for i in range(len(names))]},
-                          {"yaxis.title.text": n, "yaxis.type": _scale(n)}])
+                          {"yaxis.title.text": n, "yaxis.type": _scale(n),
+                           "yaxis.dtick": 1 if _scale(n) == "log" else None}])
                for j, n in enumerate(names)]
     fig.update_layout(
         title=dict(text=title or "Disruption vs the undisturbed images (random: mean ± sd over draws)"),
-        yaxis=dict(title=names[0], type=_scale(names[0])), xaxis=dict(title="channel set"),
+        yaxis=dict(title=names[0], type=_scale(names[0]), exponentformat="power",
+                   dtick=1 if _scale(names[0]) == "log" else None),
+        xaxis=dict(title="channel set"),
         updatemenus=[dict(buttons=buttons, x=1.0, xanchor="right", y=1.12, yanchor="bottom")],
         height=400, font=FONT, template="plotly_white", showlegend=False,
         margin=dict(l=10, r=10, t=80, b=50),
@@ -346,37 +349,73 @@ def _to_grid(pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 # -- transport -------------------------------------------------------------------------------
 def transport_strip(result: TransportResult, max_rows: int = 4, title: str | None = None) -> go.Figure:
-    """Source, target, result and the token mask ``p`` (over the result) in one row per image.
+    """Source, target, result and the token mask ``p`` (over the result), one row per pair.
 
-    Hover on the mask names the token, whether it was transported, and the channels ``m`` per
-    site; the title carries the metrics.
+    Hover on an image names its prompt; hover on the mask names the token, whether it was
+    transported, and the channels ``m`` per site; the title carries the metrics.
+
+    Shapes:
+        result.token_mask: [rows, cols] or [pairs, rows, cols] bool.
     """
     n = min(max_rows, int(result.result.shape[0]))
-    rows, cols = int(result.token_mask.shape[0]), int(result.token_mask.shape[1])
+    masks = result.token_mask if result.token_mask.ndim == 3 else result.token_mask[None]
+    rows, cols = int(masks.shape[-2]), int(masks.shape[-1])
     meta = result.meta
-    names = [f"source<br>{_esc(_short(str(meta.get('source_prompt') or meta.get('source_caption') or '')))}",
-             f"target<br>{_esc(_short(str(meta.get('target_prompt') or '')))}",
-             "result (target with source channels)", "token mask p over the result"]
+    srcs = _prompts(meta, "source")
+    tgts = _prompts(meta, "target")
+    names = ["source", "target", "result (target with source channels)",
+             "token mask p over the result"]
+    row_titles = [f"{_esc(_short(srcs[i] if i < len(srcs) else '?', 24))} → "
+                  f"{_esc(_short(tgts[i] if i < len(tgts) else '?', 24))}" for i in range(n)]
     fig = make_subplots(rows=n, cols=4, subplot_titles=names + [""] * (4 * (n - 1)),
-                        horizontal_spacing=0.015, vertical_spacing=0.03)
+                        row_titles=row_titles, horizontal_spacing=0.015, vertical_spacing=0.03)
     chans = _channels_text(result.channels)
     for i in range(n):
-        for j, (lab, img) in enumerate([("source", result.source), ("target", result.target),
-                                        ("result", result.result)]):
+        src = _esc(srcs[i] if i < len(srcs) else "")
+        tgt = _esc(tgts[i] if i < len(tgts) else "")
+        for j, (lab, img) in enumerate([(f"source: {src}", result.source),
+                                        (f"target: {tgt}", result.target),
+                                        (f"result: {tgt} with channels of {src}", result.result)]):
             fig.add_trace(image_trace(img[min(i, img.shape[0] - 1)], (rows, cols), hover=lab),
                           row=i + 1, col=j + 1)
         fig.add_trace(image_trace(result.result[i], (rows, cols), hover="result"), row=i + 1, col=4)
-        for tr in mask_traces(result.token_mask, f"transported channels:<br>{chans}",
+        for tr in mask_traces(masks[min(i, masks.shape[0] - 1)], f"transported channels:<br>{chans}",
                               inside="transported (in p)", outside="kept (outside p)"):
             fig.add_trace(tr, row=i + 1, col=4)
     image_axes(fig, n, 4, (rows, cols))
     fig.update_layout(
-        title=dict(text=title or f"Transport · {_metrics_line(result.metrics)}"),
-        height=150 + 290 * n, font=FONT, template="plotly_white",
-        margin=dict(l=10, r=10, t=120, b=10),
+        title=dict(text=title or f"Transport · {_transport_line(result.metrics)}"),
+        height=130 + 290 * n, font=FONT, template="plotly_white",
+        margin=dict(l=10, r=40, t=110, b=10),
     )
     fig.update_annotations(font_size=12)
     return fig
+
+
+def _prompts(meta: dict, side: str) -> list[str]:
+    """Prompts of one side of a transport (a real image source is named by its caption)."""
+    many = meta.get(f"{side}_prompts")
+    if many:
+        return [str(p) for p in many]
+    one = meta.get(f"{side}_prompt")
+    if one:
+        return [str(one)]
+    img = meta.get(f"{side}_image")
+    if isinstance(img, dict):
+        return [f"image {img.get('caption') or img.get('path') or ''}".strip()]
+    return []
+
+
+def _transport_line(m: dict) -> str:
+    """The few numbers that say whether transport worked, for the title."""
+    src, tgt = m.get("to_source"), m.get("to_target")
+    if not (isinstance(src, dict) and isinstance(tgt, dict)):
+        return _metrics_line(m, limit=4)
+    parts = [f"MSE to source inside p {fmt(src.get('inside'))}",
+             f"to target outside p {fmt(tgt.get('outside'))}"]
+    if isinstance(m.get("token_fraction"), (int, float)):
+        parts.append(f"p covers {100 * m['token_fraction']:.0f}% of tokens")
+    return " · ".join(parts)
 
 
 def _metrics_line(metrics: dict, limit: int = 6) -> str:

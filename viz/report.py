@@ -20,7 +20,7 @@ from massact_nn.errors import MassactError
 from massact_nn.stats import ChannelStats
 
 from . import html as H
-from .sections import probe_section, stats_section
+from .sections import probe_kind, probe_section, stats_section
 from .stats import massive_profile
 
 
@@ -65,10 +65,19 @@ def find_runs(folders: Sequence[str | Path]) -> list[Run]:
                     f"no results in {str(f)!r}; expected stats.json + stats.safetensors, or a "
                     "probe's metrics.json, in it or in its sub-folders"
                 )
-            runs += [_classify(c) for c in subs]  # type: ignore[misc]
+            # A demo folder reads best as the paper argues: statistics, then the probes.
+            found_runs = [_classify(c) for c in subs]
+            runs += sorted(found_runs, key=lambda r: (_KIND_ORDER.get(_kind(r), 9), r.path.name))
         else:
             runs.append(found)
     return runs
+
+
+_KIND_ORDER = {"stats": 0, "disruption": 1, "segmentation": 2, "transport": 3}
+
+
+def _kind(run: Run) -> str:
+    return "stats" if run.kind == "stats" else probe_kind(run.path, run.meta)
 
 
 def _classify(p: Path) -> Run | None:

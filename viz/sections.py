@@ -112,18 +112,23 @@ def _segmentation(folder: Path, anchor: str) -> tuple[str, list[str]]:
                 H.figure(mask_viewer(r, truth))]
     if (folder / "metrics.json").is_file():
         m = load_json(folder / "metrics.json")
-        out += [H.heading(3, "Metrics"),
-                H.table([{"metric": k, "value": v} for k, v in _flat(m).items()], ["metric", "value"])]
+        out += [H.heading(3, "Metrics"), H.metrics_tables(m)]
     out += [H.heading(3, "Run metadata"), H.metadata(r.meta, META_KEYS)]
     return name, out
 
 
 def _truth(folder: Path, r: SegmentationResult) -> torch.Tensor | None:
+    """The true mask: a PNG in the folder, or the ``--gt-mask`` file named in ``metrics.json``."""
     from massact_nn.masks import load_png_mask
 
-    for f in TRUTH_FILES:
-        if (folder / f).is_file():
-            return load_png_mask(folder / f, tuple(r.image_size))
+    candidates = [folder / f for f in TRUTH_FILES]
+    if (folder / "metrics.json").is_file():
+        gt = load_json(folder / "metrics.json").get("gt_mask")
+        if isinstance(gt, str):
+            candidates.append(Path(gt))
+    for f in candidates:
+        if f.is_file():
+            return load_png_mask(f, tuple(r.image_size))
     return None
 
 
@@ -135,9 +140,7 @@ def _transport(folder: Path, anchor: str) -> tuple[str, list[str]]:
                        "token mask, outlined, tokens outside it dimmed; m: the channels listed on "
                        "hover). The result should take the source's foreground semantics inside p "
                        "and keep the target outside."),
-           H.figure(transport_strip(r)), H.heading(3, "Metrics"),
-           H.table([{"metric": k, "value": v} for k, v in _flat(r.metrics).items()],
-                   ["metric", "value"]),
+           H.figure(transport_strip(r)), H.heading(3, "Metrics"), H.metrics_tables(r.metrics),
            H.heading(3, "Run metadata"), H.metadata(r.meta, META_KEYS)]
     return name, out
 
@@ -151,9 +154,7 @@ def generic_section(folder: Path, meta: dict, anchor: str) -> tuple[str, list[st
         parts.append(H.gallery([(p.stem, p) for p in pngs]))
     if (folder / "metrics.json").is_file():
         metrics = load_json(folder / "metrics.json")
-        flat = _flat(metrics) if isinstance(metrics, dict) else {"metrics": metrics}
-        parts.append(H.table([{"metric": k, "value": v} for k, v in flat.items()],
-                             ["metric", "value"]))
+        parts.append(H.metrics_tables(metrics if isinstance(metrics, dict) else {"metrics": metrics}))
     if meta:
         parts.append(H.metadata(meta, META_KEYS))
     return name, parts

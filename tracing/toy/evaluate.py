@@ -145,7 +145,7 @@ def evaluate(
         n: number of prompts (one image each).
         seed: seed of the prompts and noise.
         judge_folder: where ``judge.safetensors`` lives; default ``folder``. When absent
-            a judge is trained on the spot (about a minute) and saved there.
+            a judge is trained on the spot (a few minutes) and saved there.
         out_json: optional path of a JSON report.
         verbose: print a table.
 
@@ -160,7 +160,7 @@ def evaluate(
     except FileNotFoundError:
         from .judge import save_judge
 
-        net = train_judge(seconds=60.0, log=lambda _m: None)
+        net = train_judge(log=lambda _m: None)
         save_judge(net, jfolder)
     pipe = load_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)

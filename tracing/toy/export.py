@@ -63,7 +63,7 @@ def export(
         dest: target folder; default :func:`shipped_path`.
         judge_folder: folder with ``judge.safetensors``; default: the source pipeline
             folder, then its run folder's ``judge/``; when none is found a judge is trained
-            (about 90 s).
+            (2000 steps, a few minutes).
         evaluate_n: when > 0, evaluate the exported folder on this many prompts and store
             the numbers in its ``massact_toy.json``.
 
@@ -97,7 +97,7 @@ def export(
         except FileNotFoundError:
             continue
     else:
-        net = train_judge(seconds=90.0, log=lambda _m: None)
+        net = train_judge(log=lambda _m: None)
     save_judge(net, tmp)
     report = None
     if evaluate_n > 0:

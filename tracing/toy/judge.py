@@ -34,7 +34,7 @@ class JudgeNet(nn.Module):
         width: channels of the first conv stage (doubled in the later ones).
     """
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 16) -> None:
         super().__init__()
         self.width = width
         w2 = 2 * width
@@ -73,14 +73,20 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(-1.0, 1.0)
 
 
-def train_judge(seconds: float = 90.0, seed: int = 0, log: Any = print) -> JudgeNet:
-    """Train a judge on fresh world images for a wall-clock budget."""
+def train_judge(
+    steps: int = 2000, seconds: float | None = None, seed: int = 0, log: Any = print
+) -> JudgeNet:
+    """Train a judge on fresh world images (batch 64) for ``steps`` or ``seconds``.
+
+    Counting steps rather than time keeps the judge's quality independent of how busy the
+    machine is; ``seconds`` is an optional extra cap.
+    """
     torch.manual_seed(seed)
     net = JudgeNet()
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     world, gen = W.World(seed + 100), torch.Generator().manual_seed(seed)
     start, step = time.time(), 0
-    while time.time() - start < seconds:
+    while step < steps and (seconds is None or time.time() - start < seconds):
         batch = world.sample(64)
         x = _augment(torch.from_numpy(batch.images), gen)
         logits = net(x)

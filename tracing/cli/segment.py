@@ -43,6 +43,13 @@ def register_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gt-mask", default=None, help="true mask PNG at image resolution: report IoU")
     p.add_argument("--out", required=True, help="run folder to write")
     add_probe_args(p)
+    for action in p._actions:  # the shared help says "default all"; segmentation's defaults differ
+        if action.dest == "steps":
+            action.help = "steps of a generated trajectory: a:b, a,b,c (default: the middle step)"
+        elif action.dest == "sites":
+            action.help = "module paths or layer indices (default: the last site)"
+        elif action.dest == "batch_size":
+            action.help = "noise levels per transformer call (real image)"
     p.set_defaults(func=run_segment)
 
 

@@ -6,9 +6,31 @@ import torch
 
 from massact_nn.disruption import DisruptionResult
 from massact_nn.segmentation_result import SegmentationResult
+from massact_nn.sites import Site
+from massact_nn.stats import ChannelStats, StatsAccumulator
 from massact_nn.transport import TransportResult
 
 SIZE, GRID = 32, (16, 16)
+
+PLANT = {0: 7, 1: 7, 2: 3}  # layer -> planted massive channel
+
+
+def synthetic_stats(
+    n_sites=3, channels=16, steps=3, per_step=True, seed=0, model="/m/tiny-a"
+) -> ChannelStats:
+    """Statistics with a planted top-1 channel per layer (PLANT), growing with depth and step."""
+    g = torch.Generator().manual_seed(seed)
+    sites = [Site(i, f"transformer_blocks.{i}", channels, kind="double") for i in range(n_sites)]
+    acc = StatsAccumulator(sites, steps=steps, k=3, per_step=per_step)
+    acc.begin_batch(2)
+    for step in range(steps):
+        for s in sites:
+            h = torch.randn(2, 10, channels, generator=g)
+            # A channel whose mean grows with depth and step: a known top-1 at every site.
+            h[..., PLANT.get(s.layer, 5)] += 40.0 * (1 + s.layer) * (1 + step)
+            acc.update(s.module, step, h)
+    acc.end_batch()
+    return acc.result({"model": model, "prompts": ["a", "b"], "seed": 0})
 
 
 def disc(size: int, r: float = 0.3) -> torch.Tensor:

@@ -5,28 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _viz_fixtures import PLANT
+from _viz_fixtures import synthetic_stats as _stats
 from massact_nn.viz import channel_heatmap, massive_profile, stat_matrix, step_evolution
 
 from massact_nn.errors import MassactError
 from massact_nn.sites import Site
 from massact_nn.stats import STATISTICS, StatsAccumulator
-
-PLANT = {0: 7, 1: 7, 2: 3}  # layer -> planted massive channel
-
-
-def _stats(n_sites=3, channels=16, steps=3, per_step=True, seed=0, model="/m/tiny-a"):
-    g = torch.Generator().manual_seed(seed)
-    sites = [Site(i, f"transformer_blocks.{i}", channels, kind="double") for i in range(n_sites)]
-    acc = StatsAccumulator(sites, steps=steps, k=3, per_step=per_step)
-    acc.begin_batch(2)
-    for step in range(steps):
-        for s in sites:
-            h = torch.randn(2, 10, channels, generator=g)
-            # A channel whose mean grows with depth and step: a known top-1 at every site.
-            h[..., PLANT.get(s.layer, 5)] += 40.0 * (1 + s.layer) * (1 + step)
-            acc.update(s.module, step, h)
-    acc.end_batch()
-    return acc.result({"model": model, "prompts": ["a", "b"], "seed": 0})
 
 
 @pytest.fixture(scope="module")

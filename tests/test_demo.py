@@ -1,0 +1,105 @@
+"""``massact demo``: every probe of this build runs end to end on a tiny Flux, and the report draws.
+
+The demo's default model is the embedded toy; these tests use a tiny random ``build_flux`` folder
+so they do not depend on it (one more runs on the toy once it is shipped).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+from massact_nn.tracing.cli.main import main
+from massact_nn.tracing.model import toy_path
+from massact_nn.viz.browser import check_in_browser, find_chromium
+
+PROBES = {"disrupt": "probes.disruption", "segment": "probes.segmentation",
+          "segment_world": "probes.segmentation", "transport": "probes.transport"}
+
+
+def _available(module: str) -> bool:
+    try:
+        importlib.import_module(f"massact_nn.tracing.{module}")
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, str]:
+    from massact_nn.tracing.testing.tiny import build_flux
+
+    root = tmp_path_factory.mktemp("demo")
+    model = build_flux(root / "tiny", plant=(5, 50.0))
+    out = root / "out"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["demo", "--model", str(model), "--steps", "3", "--height", "32", "--width", "32",
+                   "--out", str(out)])
+    assert rc == 0
+    return out, buf.getvalue()
+
+
+def test_demo_runs_every_available_probe_and_prints_the_report(demo):
+    out, stdout = demo
+    report = out / "report.html"
+    assert stdout.strip().splitlines()[-1] == str(report) and report.is_file()
+    log = json.loads((out / "demo.json").read_text())
+    assert (out / "stats" / "stats.json").is_file()
+    for folder, module in PROBES.items():
+        if _available(module):
+            assert (out / folder / "meta.json").is_file(), folder
+            assert str(out / folder) in log["folders"]
+    assert log["skipped"] == [] or not all(_available(m) for m in PROBES.values())
+    # The planted channel is what the statistics found, and the report says so.
+    stats = json.loads((out / "stats" / "stats.json").read_text())
+    assert all(site["top"][0] == 5 for site in stats["sites"])
+    text = report.read_text()
+    assert "Statistics · stats" in text
+    for heading, folder in (("Disruption", "disrupt"), ("Segmentation", "segment"),
+                            ("Segmentation", "segment_world"), ("Transport", "transport")):
+        if _available(PROBES[folder]):
+            assert f"{heading} · {folder}<" in text
+
+
+def test_demo_world_segmentation_is_scored_against_the_true_mask(demo):
+    out, _ = demo
+    if not _available("probes.segmentation"):
+        pytest.skip("the segmentation probe is not part of this build")
+    metrics = json.loads((out / "segment_world" / "metrics.json").read_text())
+    assert set(metrics["iou"]) >= {"top", "all", "random", "low"}
+    assert all(0.0 <= v <= 1.0 for v in metrics["iou"].values())
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="no chromium on PATH (CI installs Debian's "
+                    "`chromium`; `apt-get install chromium`)")
+def test_demo_report_draws_in_a_browser(demo, tmp_path):
+    out, _ = demo
+    text = (out / "report.html").read_text()
+    n = text.count('class="plotly-graph-div"')
+    seen = check_in_browser(out / "report.html", screenshot=tmp_path / "demo.png")
+    assert seen.errors == []
+    assert n >= 3 and seen.figures == n and seen.drawn == n
+    assert seen.screenshot is not None and seen.screenshot.stat().st_size > 10_000
+
+
+def test_demo_without_the_toy_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    import massact_nn.tracing.model as model
+
+    monkeypatch.setattr(model, "toy_path", lambda: tmp_path / "no-toy-here")
+    assert main(["demo", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "default model is not available yet" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not (toy_path() / "model_index.json").is_file(),
+                    reason="the embedded toy is not shipped yet (massact_nn/assets/toy)")
+def test_demo_on_the_toy(tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.html").is_file()

@@ -1,0 +1,117 @@
+"""The HTML report: self-contained, one plotly.js, every run's figures and metadata, and a page
+that really draws in a browser (headless Chromium; skipped with a reason where it is missing)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from _viz_fixtures import disruption_result, segmentation_result, synthetic_stats, transport_result
+from massact_nn.tracing.cli.main import main
+from massact_nn.viz import build_report, find_runs
+from massact_nn.viz.browser import check_in_browser, find_chromium
+
+from massact_nn.errors import MassactError
+from massact_nn.masks import save_png_mask
+
+needs_chromium = pytest.mark.skipif(
+    find_chromium() is None,
+    reason="no chromium on PATH (CI installs Debian's `chromium`; `apt-get install chromium`)",
+)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    synthetic_stats(model="/models/dit-a").save(root / "stats_a")
+    synthetic_stats(n_sites=5, seed=1, per_step=False, model="/models/llm-b").save(root / "stats_b")
+    disruption_result().save(root / "disrupt")
+    seg, truth = segmentation_result()
+    seg.save(root / "segment")
+    save_png_mask(root / "segment" / "gt_mask.png", truth)
+    transport_result().save(root / "transport")
+    return root
+
+
+# figures: 2 stats runs -> a comparison; stats_a: profile, heatmap, per-step; stats_b: 2;
+# disruption: grid + bars; segmentation: overview + per-block viewer; transport: strip.
+N_FIGURES = 1 + 3 + 2 + 2 + 2 + 1
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory) -> Path:
+    return build_report([runs], tmp_path_factory.mktemp("report") / "report.html")
+
+
+def test_runs_are_found_in_reading_order(runs):
+    kinds = [r.path.name for r in find_runs([runs])]
+    assert kinds == ["stats_a", "stats_b", "disrupt", "segment", "transport"]
+
+
+def test_report_is_self_contained_with_plotly_once(report):
+    text = report.read_text()
+    assert text.count("plotly.js v") <= 2  # the library's own banner, inlined once
+    big = [s for s in re.findall(r"<script[^>]*>(.*?)</script>", text, re.S) if len(s) > 1_000_000]
+    assert len(big) == 1
+    page = text.replace(big[0], "")
+    # Nothing is fetched: no external scripts, styles or images outside the inlined library.
+    assert not re.search(r"<script[^>]+src=|<link[^>]+href=|<img[^>]+src=\"(?!data:)", page)
+    assert "cdn.plot.ly" not in page
+    assert text.count('class="plotly-graph-div"') == N_FIGURES
+    assert report.stat().st_mode & 0o044 == 0o044  # readable by others, not mkstemp's 0600
+    assert not [p for p in report.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_report_carries_metadata_tables_and_images(report):
+    text = report.read_text()
+    for heading in ("Statistics · stats_a", "Statistics · stats_b", "Disruption · disrupt",
+                    "Segmentation · segment", "Transport · transport", "Profiles compared"):
+        assert heading in text
+    for meta in ("/models/dit-a", "/models/llm-b", "a red circle on blue", "a yellow circle"):
+        assert meta in text
+    assert "ratio_top1_median" in text and "jaccard_prompts" in text  # per-site table
+    assert "IoU" in text  # the true mask next to the segmentation was found
+    assert "<b>green</b>" not in text.replace("&lt;b&gt;", "")  # prompts are escaped
+    assert "data:image/png;base64," in text
+
+
+def test_cli_report_writes_and_bad_folders_fail_in_one_line(runs, tmp_path, capsys):
+    out = tmp_path / "r.html"
+    assert main(["report", str(runs / "stats_a"), str(runs / "transport"), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out and out.is_file()
+    assert main(["report", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not exist" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MassactError, match="no results in"):
+        build_report([empty], tmp_path / "x.html")
+
+
+@needs_chromium
+def test_report_draws_every_figure_without_js_errors(report, tmp_path):
+    shot = tmp_path / "report.png"
+    seen = check_in_browser(report, screenshot=shot)
+    assert seen.errors == []
+    assert seen.figures == N_FIGURES and seen.drawn == N_FIGURES
+    from PIL import Image
+
+    img = Image.open(shot).convert("L")
+    assert img.size == (1400, 4000)
+    lo, hi = img.getextrema()
+    assert hi - lo > 100  # not a blank page
+
+
+@needs_chromium
+def test_browser_check_catches_errors_and_undrawn_figures(report, tmp_path):
+    broken = tmp_path / "broken.html"
+    text = report.read_text()
+    # Break the first figure's data and add an uncaught error after load.
+    text = text.replace("Plotly.newPlot(", "Plotly.newPlot(undefinedVariable, ", 1)
+    text = text.replace("</body>", "<script>null.boom();</script></body>")
+    broken.write_text(text)
+    seen = check_in_browser(broken)
+    assert any("undefinedVariable" in e for e in seen.errors)
+    assert any("boom" in e or "null" in e for e in seen.errors)
+    assert seen.drawn == seen.figures - 1

@@ -45,6 +45,11 @@ def test_read_image_takes_the_right_tensor_of_every_layout():
     assert got.untyped_storage().data_ptr() == joint.untyped_storage().data_ptr()
     # SD3's last block has no text output.
     assert read_image("pair_text_image", (None, img), IMG) is img
+    # Z-Image: image first at a fixed offset, then text / padding.
+    assert torch.equal(read_image("concat_image_text", torch.cat([img, txt], dim=1), IMG), img)
+    padded = torch.cat([img, torch.zeros(B, 4, C)], dim=1)
+    assert torch.equal(read_image("image_then_pad", padded, IMG), img)
+    assert read_image("image_then_pad", img, IMG).shape == img.shape  # no padding needed
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -53,6 +58,8 @@ def test_write_then_read_round_trip_keeps_the_text_stream(layout):
     out = {
         "pair_text_image": (txt, img), "pair_image_text": (img, txt), "tensor": img,
         "concat_text_image": torch.cat([txt, img], dim=1),
+        "concat_image_text": torch.cat([img, txt], dim=1),
+        "image_then_pad": torch.cat([img, txt], dim=1),
     }[layout]
     new = torch.randn(B, IMG, C)
     written = write_image(layout, out, new, IMG)
@@ -60,6 +67,8 @@ def test_write_then_read_round_trip_keeps_the_text_stream(layout):
     assert written is not out  # a new object (in-place edits are lost under several invokes)
     if layout == "concat_text_image":
         assert torch.equal(written[:, :TXT], txt)
+    elif layout in ("concat_image_text", "image_then_pad"):
+        assert torch.equal(written[:, IMG:], txt)
     elif layout != "tensor":
         assert written[0 if layout == "pair_text_image" else 1] is txt
 
@@ -77,6 +86,9 @@ def test_write_then_read_round_trip_keeps_the_text_stream(layout):
         # Image tokens alone, no text in front: not the joint tensor this layout promises.
         ("concat_text_image", torch.randn(B, IMG, C), "expected text tokens before"),
         ("concat_text_image", torch.randn(B, IMG), "expected text tokens before"),
+        ("concat_image_text", torch.randn(B, IMG, C), "expected text tokens after"),
+        ("concat_image_text", (torch.randn(B, IMG, C), torch.randn(B, TXT, C)), "expected one tensor"),
+        ("image_then_pad", torch.randn(B, IMG - 1, C), f"expected {IMG} image tokens"),
     ],
 )
 def test_mismatched_structure_fails_loudly_naming_the_site(layout, out, why):
@@ -160,6 +172,11 @@ def test_guidance_rules_follow_each_pipeline_call_and_its_defaults():
     assert flux2.calls_per_step(_bare(d.Flux2KleinPipeline, is_distilled=False), {}) == 2  # default 4.0
     assert flux2.calls_per_step(_bare(d.Flux2KleinPipeline, is_distilled=True), {"guidance_scale": 4.0}) == 1
     assert flux2.calls_per_step(_bare(d.Flux2Pipeline), {"guidance_scale": 4.0}) == 1  # guidance-distilled
+
+    zimage = _adapter("zimage")
+    assert zimage.calls_per_step(_bare(d.ZImagePipeline), {"guidance_scale": 0.0}) == 1
+    with pytest.raises(MassactError, match=r"guidance_scale=5\.0: .*accepted: guidance_scale=0"):
+        zimage.calls_per_step(_bare(d.ZImagePipeline), {})  # the pipeline's default: CFG on
 
     for name, pipeline in (("chroma", d.ChromaPipeline), ("cogview4", d.CogView4Pipeline)):
         assert _adapter(name).calls_per_step(_bare(pipeline), {}) == 2

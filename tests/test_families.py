@@ -34,6 +34,15 @@ def _last_n(out, n):
     return out[:, -n:]
 
 
+def _first_n(out, n):
+    return out[:, :n]
+
+
+def _first_n_joint(out, n):
+    assert out.shape[1] > n, "a joint image+text tensor must hold more than the image tokens"
+    return out[:, :n]
+
+
 # Where each block list's image stream is, per family: the test's own reading of the sources.
 IMAGE_OF = {
     "flux": {"transformer_blocks": _second, "single_transformer_blocks": _second},
@@ -45,12 +54,15 @@ IMAGE_OF = {
     "chroma": {"transformer_blocks": _second, "single_transformer_blocks": _last_n},
     "cogview4": {"transformer_blocks": _first},
     "auraflow": {"joint_transformer_blocks": _second, "single_transformer_blocks": _last_n},
+    "zimage": {"noise_refiner": _first_n, "layers": _first_n_joint},
+    "bria": {"transformer_blocks": _second, "single_transformer_blocks": _second},
+    "cogview3plus": {"transformer_blocks": _first},
 }
 FAMILIES = sorted(IMAGE_OF)
 
 # Pipeline kwargs with guidance off, and (kwargs, mode) with guidance on.
 _NEG = {"negative_prompt": [""] * len(PROMPTS)}
-GUIDANCE_OFF = {f: {"guidance_scale": 1.0} for f in FAMILIES} | {"flux": {}, "qwenimage": {}}
+GUIDANCE_OFF = {f: {"guidance_scale": 1.0} for f in FAMILIES} | {"flux": {}, "qwenimage": {}, "zimage": {}}
 GUIDANCE_ON = {
     "flux": ({"true_cfg_scale": 2.0, **_NEG}, "two_calls"),
     "flux2": ({"guidance_scale": 3.0}, "two_calls"),
@@ -61,6 +73,8 @@ GUIDANCE_ON = {
     "pixart": ({"guidance_scale": 3.0}, "batched"),
     "sd3": ({"guidance_scale": 3.0}, "batched"),
     "auraflow": ({"guidance_scale": 3.0}, "batched"),
+    "bria": ({"guidance_scale": 3.0}, "batched"),
+    "cogview3plus": ({"guidance_scale": 3.0}, "batched"),
 }
 
 
@@ -111,7 +125,9 @@ def hook_stats(folder, family: str, guidance: dict, mode: str = "none", branch: 
     def pre(module, args, kwargs):
         state["call"] += 1
         hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        if hs.ndim == 3:  # packed token sequence: every token is an image token
+        if isinstance(hs, list):  # Z-Image: one [C, frames, H, W] latent per sample, 2×2 patches
+            state["n_img"] = (hs[0].shape[-2] // 2) * (hs[0].shape[-1] // 2)
+        elif hs.ndim == 3:  # packed token sequence: every token is an image token
             state["n_img"] = hs.shape[1]
         else:  # latent image [B, C, H, W], patchified inside the transformer
             p = tr.config.patch_size
@@ -183,7 +199,7 @@ def test_stats_match_hooks_without_guidance(family, family_model):
     _assert_same(stats, ref)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", sorted(GUIDANCE_ON))
 def test_guidance_measures_conditional_rows_and_counts_both_on_request(family, family_model):
     folder, model = family_model(family)
     guidance, mode = GUIDANCE_ON[family]
@@ -212,3 +228,11 @@ def test_planted_channel_is_top1_at_every_site(family, family_model):
     # The plant is written by the first block and carried by the residual stream to every later one.
     for s in stats.sites:
         assert stats.top(s.module, 1).tolist() == [channel], s.module
+
+
+def test_zimage_guidance_is_refused_with_the_accepted_setting(family_model):
+    from massact_nn.errors import MassactError
+
+    _, model = family_model("zimage")
+    with pytest.raises(MassactError, match=r"guidance_scale=3\.0: .*accepted: guidance_scale=0"):
+        _stats(model, "zimage", {"guidance_scale": 3.0})

@@ -6,12 +6,25 @@ from typing import Any
 
 from massact_nn.errors import MassactError
 
-from . import auraflow, chroma, cogview4, flux, flux2, pixart, qwenimage, sana, sd3
+from . import (
+    auraflow,
+    bria,
+    chroma,
+    cogview3plus,
+    cogview4,
+    flux,
+    flux2,
+    pixart,
+    qwenimage,
+    sana,
+    sd3,
+    zimage,
+)
 from .base import LAYOUTS, Adapter, BlockList, Guidance, read_image, write_image
 
 ADAPTERS: tuple[Adapter, ...] = (
     flux.ADAPTER, flux2.ADAPTER, qwenimage.ADAPTER, sana.ADAPTER, sd3.ADAPTER, pixart.ADAPTER,
-    chroma.ADAPTER, cogview4.ADAPTER, auraflow.ADAPTER,
+    chroma.ADAPTER, cogview4.ADAPTER, auraflow.ADAPTER, zimage.ADAPTER, bria.ADAPTER, cogview3plus.ADAPTER,
 )
 
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.transformer_classes}

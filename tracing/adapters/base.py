@@ -23,7 +23,16 @@ from massact_nn.errors import MassactError
 #   concat_text_image: one tensor cat([text, image], dim=1)   -> image = last n_image tokens
 #                      (the check demands more than n_image tokens: a text-free tensor of the
 #                      right length would otherwise be silently mistaken for the image stream)
-LAYOUTS = ("pair_text_image", "pair_image_text", "tensor", "concat_text_image")
+#   concat_image_text: one tensor cat([image, text], dim=1)   -> image = first n_image tokens
+#                      (image first at a fixed offset, then per-sample text and padding; more
+#                      than n_image tokens demanded, as above)
+#   image_then_pad:    one tensor [image; padding]            -> image = first n_image tokens
+#                      (an image-only block over a sequence padded to a multiple of some length)
+LAYOUTS = (
+    "pair_text_image", "pair_image_text", "tensor",
+    "concat_text_image", "concat_image_text", "image_then_pad",
+)
+_JOINT = ("concat_text_image", "concat_image_text")
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,7 @@ class BlockList:
     @property
     def streams(self) -> tuple[str, ...]:
         """Streams this block outputs."""
-        return ("image",) if self.layout == "tensor" else ("image", "text")
+        return ("image",) if self.layout in ("tensor", "image_then_pad") else ("image", "text")
 
 
 @dataclass(frozen=True)
@@ -87,13 +96,14 @@ class Adapter:
 
     def calls_per_step(self, pipe: Any, kwargs: dict) -> int:
         """Transformer calls per denoising step for this call."""
-        if self.guidance.mode == "two_calls" and self.guidance.active(pipe, kwargs):
-            return 2
-        return 1
+        # The predicate always runs: it may refuse a guidance setup the library cannot track.
+        active = self.guidance.active(pipe, kwargs)
+        return 2 if self.guidance.mode == "two_calls" and active else 1
 
     def batched_cfg(self, pipe: Any, kwargs: dict) -> bool:
         """Whether the transformer sees ``[uncond; cond]`` rows in one call."""
-        return self.guidance.mode == "batched" and self.guidance.active(pipe, kwargs)
+        active = self.guidance.active(pipe, kwargs)
+        return self.guidance.mode == "batched" and active
 
 
 def vae_scale(pipe: Any) -> int:
@@ -171,12 +181,18 @@ def read_image(layout: str, out: Any, n_image: int, where: str = "?") -> torch.T
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise _layout_error(where, layout, out, "expected a pair")
         img = out[1] if layout == "pair_text_image" else out[0]
-    elif layout in ("tensor", "concat_text_image"):
+    elif layout in ("tensor", "image_then_pad", *_JOINT):
         if not isinstance(out, torch.Tensor):
             raise _layout_error(where, layout, out, "expected one tensor")
-        if layout == "concat_text_image" and (out.ndim != 3 or out.shape[1] <= n_image):
-            raise _layout_error(where, layout, out, f"expected text tokens before {n_image} image tokens")
-        img = out if layout == "tensor" else out[:, out.shape[1] - n_image:]
+        if layout in _JOINT and (out.ndim != 3 or out.shape[1] <= n_image):
+            side = "before" if layout == "concat_text_image" else "after"
+            raise _layout_error(where, layout, out, f"expected text tokens {side} {n_image} image tokens")
+        if layout == "tensor":
+            img = out
+        elif layout == "concat_text_image":
+            img = out[:, out.shape[1] - n_image:]
+        else:
+            img = out[:, :n_image]
     else:
         raise MassactError(f"unknown layout {layout!r}; accepted: {', '.join(LAYOUTS)}")
     if not isinstance(img, torch.Tensor) or img.ndim != 3 or img.shape[1] != n_image:
@@ -201,4 +217,6 @@ def write_image(layout: str, out: Any, image: torch.Tensor, n_image: int) -> Any
         return image
     if layout == "concat_text_image":
         return torch.cat([out[:, : out.shape[1] - n_image], image], dim=1)
+    if layout in ("concat_image_text", "image_then_pad"):
+        return torch.cat([image, out[:, n_image:]], dim=1)
     raise MassactError(f"unknown layout {layout!r}; accepted: {', '.join(LAYOUTS)}")

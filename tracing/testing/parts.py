@@ -36,19 +36,19 @@ def tiny_clip(vocab_size: int, hidden: int = 32, max_pos: int = 77, projection: 
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
-def tiny_qwen3(vocab_size: int, hidden: int = 16, layers: int = 27):
+def tiny_qwen3(vocab_size: int, hidden: int = 16, layers: int = 27, causal_lm: bool = True):
     """A narrow ``Qwen3ForCausalLM``, deep enough for FLUX.2-klein's default layers.
 
     The pipeline reads hidden states (9, 18, 27) by default, so 27 layers let it run unchanged.
     """
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     cfg = Qwen3Config(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
         max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
     )
-    return Qwen3ForCausalLM(cfg)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(cfg)
 
 
 def tiny_qwen25_vl(vocab_size: int, hidden: int = 16):

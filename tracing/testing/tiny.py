@@ -17,6 +17,7 @@ from .parts import tiny_t5 as _tiny_t5
 from .parts import tiny_vae as _tiny_vae
 from .tiny_dit import build_auraflow, build_pixart, build_sana, build_sd3
 from .tiny_flow import build_chroma, build_cogview4, build_flux2, build_qwenimage
+from .tiny_more import build_bria, build_cogview3plus, build_zimage
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 #: Keyword arguments that make a tiny pipeline's call cheap and valid, by family.
@@ -33,6 +34,9 @@ CALL_DEFAULTS: dict[str, dict] = {
     "chroma": {"max_sequence_length": 16},
     "cogview4": {"max_sequence_length": 32},
     "auraflow": {"max_sequence_length": 16},
+    "zimage": {"max_sequence_length": 64, "guidance_scale": 0.0},
+    "bria": {"max_sequence_length": 16},
+    "cogview3plus": {},
 }
 
 
@@ -103,5 +107,6 @@ def _plant_flux(transformer: torch.nn.Module, channel: int, scale: float) -> Non
 BUILDERS: dict[str, Callable[..., Path]] = {
     "flux": build_flux, "flux2": build_flux2, "qwenimage": build_qwenimage, "sana": build_sana,
     "pixart": build_pixart, "sd3": build_sd3, "chroma": build_chroma, "cogview4": build_cogview4,
-    "auraflow": build_auraflow,
+    "auraflow": build_auraflow, "zimage": build_zimage, "bria": build_bria,
+    "cogview3plus": build_cogview3plus,
 }

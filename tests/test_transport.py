@@ -194,3 +194,18 @@ def test_cli_site_missing_from_stats(tiny_flux_dir, tiny_flux, tmp_path, capsys)
                 "--target-prompt", "b", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not in the statistics run" in err[0], err
+
+
+def test_union_mask_is_the_segmentation_probes_target_and_source_masks(tiny_flux, stats_dir):
+    from massact_nn.tracing.probes.segmentation import SegmentConfig, segment
+
+    g = GenerationConfig(steps=2, seed=3, height=32, width=32)
+    r = transport(tiny_flux, SRC, TGT, stats_dir, TransportConfig(generation=g, k=4, token_mask="union",
+                                                                  progress=False))
+    for j in range(2):
+        seg = dict(stats=stats_dir, k=4, controls=("top",), generation=GenerationConfig(
+            steps=2, seed=3 + j, height=32, width=32))
+        want = segment(tiny_flux, SegmentConfig(prompt=TGT[j], **seg)).mask
+        want = want | segment(tiny_flux, SegmentConfig(prompt=SRC[j], **seg)).mask
+        assert torch.equal(r.token_mask[j], want)
+    assert r.meta["token_mask"] == "union"

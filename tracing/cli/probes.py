@@ -59,7 +59,7 @@ def run_disrupt(args: argparse.Namespace) -> int:
     stats = load_stats(args.stats)  # fail on a bad folder before loading the model
     model = load_model(args.model, args.device, args.dtype)
     cfg = DisruptionConfig(
-        generation=generation_from_probe_args(args, model), k=ks, controls=controls,
+        generation=generation_from_probe_args(args), k=ks, controls=controls,
         random_draws=args.random_draws, channel_seed=args.channel_seed, mode=args.mode,
         alpha=args.alpha, sites=parse_sites(args.sites), steps=args.steps,
     )
@@ -88,7 +88,8 @@ def _register_transport(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=4, help="channels per site (default 4)")
     p.add_argument("--channels", default=None, help="JSON file {module: [channel ids]} instead of --stats")
     p.add_argument("--mask", nargs="+", default=["all"],
-                   help="token mask p: all | segmentation run folder | .npy | PNG; several = union")
+                   help="token mask p: all | target | source | union (segmentation probe) | "
+                   "segmentation run folder | .npy | PNG; several = their union")
     p.add_argument("--alpha", type=float, default=1.0, help="blend factor (1 = replace)")
     p.add_argument("--mode", default="batched", help="batched | two_pass (default batched)")
     p.add_argument("--copy-norm-out", action="store_true", help="also copy norm_out's output in p")
@@ -130,7 +131,7 @@ def run_transport(args: argparse.Namespace) -> int:
         stats = load_stats(args.stats)
     model = load_model(args.model, args.device, args.dtype)
     cfg = TransportConfig(
-        generation=generation_from_probe_args(args, model), k=args.k, channels=channels,
+        generation=generation_from_probe_args(args), k=args.k, channels=channels,
         token_mask=args.mask if len(args.mask) > 1 else args.mask[0], alpha=args.alpha,
         mode=args.mode, copy_norm_out=args.copy_norm_out, sites=parse_sites(args.sites),
         steps=args.steps,
@@ -161,6 +162,13 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: model's)")
     p.add_argument("--transport-k", type=int, default=4, help="channels per site for transport")
     p.add_argument("--seed", type=int, default=1000, help="first seed (default 1000)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--sites", nargs="*", default=None, help="module paths or layer indices (default all)")
+    p.add_argument("--masks", default="all,union", help="transport token masks (default all,union)")
+    p.add_argument("--judge", default=None, help="judge folder (default: beside the model)")
+    p.add_argument("--segmentation-samples", type=int, default=8,
+                   help="world images for the mask-IoU table; 0 skips it (default 8)")
     p.add_argument("--out", required=True, help="folder for evaluation.md / evaluation.json")
     p.set_defaults(func=run_evaluate)
 
@@ -174,7 +182,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device, args.dtype)
     cfg = EvaluationConfig(
         ks=_ints(args.k), prompts=args.prompts, pairs=args.pairs, random_draws=args.random_draws,
-        num_steps=args.num_steps, transport_k=args.transport_k, seed=args.seed,
+        num_steps=args.num_steps, height=args.height, width=args.width,
+        transport_k=args.transport_k, seed=args.seed, sites=parse_sites(args.sites),
+        transport_masks=[m.strip() for m in args.masks.split(",") if m.strip()],
+        judge=args.judge if args.judge else True,
+        segmentation={"world_samples": args.segmentation_samples} if args.segmentation_samples > 0 else None,
     )
     report = evaluate(model, stats, cfg)
     md = save_evaluation(report, args.out)

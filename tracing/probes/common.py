@@ -229,17 +229,31 @@ def write_pngs(folder: str | Path, images: dict[str, torch.Tensor], ncols: int |
     return paths
 
 
-def find_judge(model: Any) -> Any | None:
-    """The toy's attribute judge when the model folder ships one (``judge.safetensors``)."""
+def find_judge(model: Any, judge: bool | str | Path = True) -> Any | None:
+    """The toy's attribute judge, or ``None``.
+
+    Args:
+        model: The model; with ``judge=True`` its folder is searched for ``judge.safetensors``
+            (the toy ships its judge beside the pipeline).
+        judge: ``True`` (look beside the model), ``False`` (no judge), or a judge folder.
+    """
+    if judge is False or judge is None:
+        return None
     try:
         from ..toy.judge import load_judge
     except ImportError:
         return None
-    pipe = getattr(model, "pipeline", model)
-    name = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
-    if not name or not (Path(str(name)) / "judge.safetensors").is_file():
-        return None
-    return load_judge(Path(str(name)))
+    if judge is True:
+        pipe = getattr(model, "pipeline", model)
+        name = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+        if not name or not (Path(str(name)) / "judge.safetensors").is_file():
+            return None
+        return load_judge(Path(str(name)))
+    folder = Path(judge)
+    if not (folder / "judge.safetensors").is_file():
+        raise MassactError(f"no judge in {str(judge)!r} (missing judge.safetensors); accepted: a judge "
+                           "folder written by the toy's training")
+    return load_judge(folder)
 
 
 def judge_scores(judge: Any, images: torch.Tensor, prompts: Sequence[str]) -> dict | None:
@@ -274,7 +288,7 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
     ``--steps`` here is the intervention window (``a:b``); the number of denoising steps is
     ``--num-steps``.
     """
-    p.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: model's or 4)")
+    p.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: model's)")
     p.add_argument("--steps", default=None, help="denoising steps to intervene at: a:b, a,b,c (default all)")
     p.add_argument("--sites", nargs="*", default=None, help="module paths or layer indices (default all)")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed S+i (default 0)")
@@ -285,13 +299,12 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
 
 
 def generation_from_probe_args(args: argparse.Namespace, model: Any = None) -> GenerationConfig:
-    """A :class:`GenerationConfig` from :func:`add_probe_args` arguments."""
-    steps = args.num_steps
-    if steps is None:
-        from ..generation import folder_defaults
+    """A :class:`GenerationConfig` from :func:`add_probe_args` arguments.
 
-        steps = folder_defaults(model).get("steps", 4) if model is not None else 4
+    Unset steps and sizes are filled later from the model folder (:func:`resolve`); ``model`` is
+    accepted for callers that pass it and not needed.
+    """
     return GenerationConfig(
-        steps=steps, seed=args.seed, height=args.height, width=args.width,
+        steps=args.num_steps, seed=args.seed, height=args.height, width=args.width,
         guidance_scale=args.guidance_scale, batch_size=args.batch_size,
     )

@@ -51,7 +51,8 @@ class DisruptionConfig:
         sites: Module paths or layer indices (``None``: every site).
         steps: Denoising steps to intervene at (``"a:b"``, a list, or ``None`` for all).
         user_metric: ``(images, prompts) -> dict`` run on every set's images.
-        judge: Score images with the toy's judge when the model folder ships one.
+        judge: Score images with the toy's judge: ``True`` when the model folder ships one, or a
+            judge folder.
         progress: Show a tqdm bar over generations.
     """
 
@@ -65,7 +66,7 @@ class DisruptionConfig:
     sites: Sequence[str | int] | None = None
     steps: str | Sequence[int] | None = None
     user_metric: UserMetric | None = None
-    judge: bool = True
+    judge: bool | str | Path = True
     progress: bool = True
 
 
@@ -180,7 +181,7 @@ def disrupt(
     names = _set_names(ks, config.controls, config.random_draws)
     sets = {name: channel_sets(st, plan.sites, c, k or 1, seed=config.channel_seed + d) if c != "none" else {}
             for name, c, k, d in names}
-    judge = find_judge(model) if config.judge else None
+    judge = find_judge(model, config.judge)
     n_batches = -(-len(prompts) // plan.gen.batch_size)
     bar = tqdm(total=len(names) * n_batches, desc="disrupt", unit="gen", disable=not config.progress)
     images: dict[str, torch.Tensor] = {}

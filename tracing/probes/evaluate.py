@@ -21,7 +21,8 @@ import torch
 from massact_nn._io import save_json
 from massact_nn.stats import ChannelStats
 
-from ..generation import GenerationConfig, folder_defaults
+from ..generation import GenerationConfig, resolve
+from ..model import model_adapter, model_name
 from .common import channel_sets, load_stats
 from .disruption import DisruptionConfig, disrupt
 from .transport import TransportConfig, transport
@@ -36,12 +37,17 @@ class EvaluationConfig:
         prompts: Prompts per disruption set.
         pairs: Source/target pairs for transport.
         random_draws: Random-k draws per k.
-        num_steps: Denoising steps (``None``: the model folder's, else 4).
+        num_steps: Denoising steps (``None``: the model folder's default).
+        height: Image height (``None``: the model folder's default).
+        width: Image width (``None``: the model folder's default).
         transport_k: Channels per site for transport.
         seed: First generation seed (prompt i uses ``seed + i``); also picks the captions.
         sites: Sites to intervene at (``None``: all).
         transport_steps: Steps to transport at (``None``: all).
-        segmentation: Keyword arguments for the segmentation probe's evaluation.
+        transport_masks: Token masks for transport (``all``, ``union`` of the segmentation
+            probe's target and source foregrounds, ...).
+        judge: ``True`` (beside the model), ``False``, or a judge folder.
+        segmentation: Keyword arguments for the segmentation probe's evaluation (``None``: skip).
     """
 
     ks: Sequence[int] = (1, 2, 4, 8)
@@ -49,11 +55,15 @@ class EvaluationConfig:
     pairs: int = 16
     random_draws: int = 3
     num_steps: int | None = None
+    height: int | None = None
+    width: int | None = None
     transport_k: int = 4
     seed: int = 1000
     sites: Sequence[str | int] | None = None
     transport_steps: str | None = None
-    segmentation: dict = field(default_factory=dict)
+    transport_masks: Sequence[str] = ("all", "union")
+    judge: bool | str = True
+    segmentation: dict | None = field(default_factory=dict)
 
 
 def world_captions(n: int, seed: int) -> list[str]:
@@ -90,43 +100,55 @@ def evaluate(model: Any, stats: ChannelStats | str | Path, config: EvaluationCon
     """Run the three measurements and return the report (JSON-ready)."""
     config = config or EvaluationConfig()
     st = load_stats(stats)
-    steps = config.num_steps or folder_defaults(model).get("steps", 4)
-    gen = GenerationConfig(steps=steps, seed=config.seed)
-    report: dict = {"config": asdict(config), "model": st.meta.get("model"), "num_steps": steps}
+    gen = resolve(GenerationConfig(steps=config.num_steps, seed=config.seed, height=config.height,
+                                   width=config.width), model, model_adapter(model))
+    report: dict = {"config": asdict(config), "model": model_name(model), "num_steps": gen.steps,
+                    "size": [gen.height, gen.width]}
 
     prompts = world_captions(config.prompts, config.seed)
     d = disrupt(model, prompts, st, DisruptionConfig(
         generation=gen, k=list(config.ks), random_draws=config.random_draws, sites=config.sites,
-        progress=True))
+        judge=config.judge, progress=True))
     report["disruption"] = {"prompts": prompts, "summary": d.metrics["summary"],
                             "judge_available": d.meta["judge"]}
 
-    report["segmentation"] = _segmentation(model, st, config)
+    report["segmentation"] = _segmentation(model, st, gen, config)
 
     src, tgt = transport_pairs(config.pairs, config.seed)
     rows = []
-    for control in ("top", "low", "random", "all"):
-        if control == "all":
-            chans = {s.module: torch.arange(s.channels) for s in st.sites}
-        else:
-            chans = channel_sets(st, st.sites, control, config.transport_k, seed=config.seed)
-        cfg = TransportConfig(generation=gen, channels=chans, sites=config.sites,
-                              steps=config.transport_steps, progress=False)
-        r = transport(model, src, tgt, None, cfg)
-        m = r.metrics
-        rows.append({"channels": control if control == "all" else f"{control}-{config.transport_k}",
-                     "mse_to_source": m["to_source"]["all"], "mse_to_target": m["to_target"]["all"],
-                     "moved": m.get("moved"), "kept": m.get("kept"), "already": m.get("already")})
+    named: dict = {}
+    for mask in config.transport_masks:
+        for control in ("top", "low", "random", "all"):
+            if control == "all":
+                chans = {s.module: torch.arange(s.channels) for s in st.sites}
+            else:
+                chans = channel_sets(st, st.sites, control, config.transport_k, seed=config.seed)
+            spec = named.get(mask, mask)
+            cfg = TransportConfig(generation=gen, channels=chans, sites=config.sites, k=config.transport_k,
+                                  steps=config.transport_steps, token_mask=spec, judge=config.judge,
+                                  progress=False)
+            r = transport(model, src, tgt, st, cfg)
+            named[mask] = r.token_mask  # segment once per mask, reuse for the controls
+            m = r.metrics
+            rows.append({"mask": mask, "token_fraction": m["token_fraction"],
+                         "channels": control if control == "all" else f"{control}-{config.transport_k}",
+                         "mse_to_source": m["to_source"]["all"], "mse_to_target": m["to_target"]["all"],
+                         "mse_to_target_outside": m["to_target"]["outside"],
+                         "moved": m.get("moved"), "kept": m.get("kept"), "already": m.get("already")})
     report["transport"] = {"pairs": list(zip(src, tgt)), "rows": rows}
     return report
 
 
-def _segmentation(model: Any, stats: ChannelStats, config: EvaluationConfig) -> dict:
+def _segmentation(model: Any, stats: ChannelStats, gen: GenerationConfig, config: EvaluationConfig) -> dict:
+    if config.segmentation is None:
+        return {"available": False, "note": "skipped (segmentation=None)"}
     try:
         from .segmentation import evaluate_segmentation
     except ImportError:
         return {"available": False, "note": "segmentation evaluation is not installed"}
-    return {"available": True, **evaluate_segmentation(model, stats, **config.segmentation)}
+    kw = {"num_steps": gen.steps, "k": config.transport_k, "random_draws": config.random_draws,
+          "sites": config.sites, **config.segmentation}
+    return {"available": True, **evaluate_segmentation(model, stats, **kw)}
 
 
 def _fmt(v: Any) -> str:
@@ -157,13 +179,19 @@ def to_markdown(report: dict) -> str:
     else:
         rest = {k: v for k, v in seg.items() if k != "available"}
         lines.append(seg.get("markdown") or "```\n" + str(rest) + "\n```")
-    lines += ["", "## 3. Transport (source foreground into target, all tokens, every site and step)", "",
-              "| channels | MSE to source | MSE to target | fg colour moved | shape moved | bg kept |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## 3. Transport (source channels into the target at every site and step)", "",
+              "Token mask `all`: every image token; `union`: the segmentation probe's foreground "
+              "masks of target and source, united. Moved = the judge reads the source's attribute "
+              "on the result; kept = it reads the target's background colour.", "",
+              "| mask (token fraction) | channels | MSE to source | MSE to target | ... outside p "
+              "| fg colour moved | shape moved | bg kept |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in report["transport"]["rows"]:
         mv, kp = r.get("moved") or {}, r.get("kept") or {}
-        lines.append(f"| {r['channels']} | {_fmt(r['mse_to_source'])} | {_fmt(r['mse_to_target'])} | "
-                     f"{_fmt(mv.get('fg_colour'))} | {_fmt(mv.get('shape'))} | {_fmt(kp.get('bg_colour'))} |")
+        lines.append(f"| {r['mask']} ({_fmt(r['token_fraction'])}) | {r['channels']} | "
+                     f"{_fmt(r['mse_to_source'])} | {_fmt(r['mse_to_target'])} | "
+                     f"{_fmt(r['mse_to_target_outside'])} | {_fmt(mv.get('fg_colour'))} | "
+                     f"{_fmt(mv.get('shape'))} | {_fmt(kp.get('bg_colour'))} |")
     al = report["transport"]["rows"][0].get("already") if report["transport"]["rows"] else None
     if al:
         lines.append(f"\nWithout transport the target already shows the source's fg colour in "

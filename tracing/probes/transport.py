@@ -29,7 +29,14 @@ from massact_nn.transport import TransportResult, blend, check_alpha, gather, sc
 from ..adapters import read_image, write_image
 from ..generation import GenerationConfig
 from .common import Plan, channel_sets, find_judge, load_stats, make_plan, probe_meta, write_pngs
-from .transport_parts import ImageSource, resolve_token_mask, rows_of, transport_metrics
+from .transport_parts import (
+    ImageSource,
+    mask_keywords,
+    resolve_token_mask,
+    rows_of,
+    segmentation_masks,
+    transport_metrics,
+)
 
 MODES = ("batched", "two_pass")
 
@@ -44,9 +51,10 @@ class TransportConfig:
         generation: Trajectory settings (steps, seed, size, guidance, batch size = pairs per call).
         k: Channels per site (top-k of the statistics' ``abs_mean``) when ``channels`` is not given.
         channels: Per site module path, the channel ids to transport (overrides ``k``/stats).
-        token_mask: ``"all"``, a token-grid mask ``[rows, cols]`` / ``[pairs, rows, cols]`` bool, a
-            path (segmentation run folder with ``mask.npy``, a ``.npy`` file, or a PNG resized to
-            the grid), or a list of these (their union).
+        token_mask: ``"all"``; ``"target"``, ``"source"`` or ``"union"`` (foreground masks from
+            the segmentation probe, run on each pair's trajectories); a token-grid mask
+            ``[rows, cols]`` / ``[pairs, rows, cols]`` bool; a path (segmentation run folder with
+            ``mask.npy``, a ``.npy`` file, or a PNG resized to the grid); or a list (the union).
         alpha: Blend ``X_t (1 − αM) + X_s αM``; 1 = hard replacement, 0 = no change.
         mode: ``batched`` or ``two_pass`` (image-conditioned sources need ``two_pass``).
         copy_norm_out: Also blend ``transformer.norm_out``'s output over the tokens in ``p`` (all
@@ -54,7 +62,8 @@ class TransportConfig:
             transport is not an identity (design notes, pitfall 10).
         sites: Module paths or layer indices (``None``: every site).
         steps: Denoising steps to transport at (``"a:b"``, a list, or ``None`` for all).
-        judge: Read the result's attributes with the toy's judge when the model ships one.
+        judge: Read the result's attributes with the toy's judge: ``True`` when the model folder
+            ships one, or a judge folder.
         progress: Show a tqdm bar over generations.
     """
 
@@ -67,7 +76,7 @@ class TransportConfig:
     copy_norm_out: bool = False
     sites: Sequence[str | int] | None = None
     steps: str | Sequence[int] | None = None
-    judge: bool = True
+    judge: bool | str | Path = True
     progress: bool = True
 
 
@@ -112,8 +121,12 @@ def transport(
         _check_image_source(source)
     plan = make_plan(model, config.generation, config.sites, config.steps)
     channels = _channels(plan, stats, config)
-    p = resolve_token_mask(config.token_mask, plan.grid, len(targets))  # [pairs, rows, cols]
-    judge = find_judge(model) if config.judge else None
+    named = {}
+    if mask_keywords(config.token_mask):
+        named = segmentation_masks(model, plan, mask_keywords(config.token_mask), sources, targets,
+                                   source if image_source else None, stats, config.k)
+    p = resolve_token_mask(config.token_mask, plan.grid, len(targets), named)  # [pairs, rows, cols]
+    judge = find_judge(model, config.judge)
     bar = tqdm(total=2 if config.mode == "two_pass" else 1, desc="transport", unit="pass",
                disable=not config.progress)
     if config.mode == "batched":
@@ -133,7 +146,7 @@ def transport(
         model, plan, source_prompts=sources, target_prompts=targets, mode=config.mode,
         alpha=config.alpha, k=config.k if config.channels is None else None,
         copy_norm_out=config.copy_norm_out,
-        token_mask=config.token_mask if isinstance(config.token_mask, str) else "given",
+        token_mask=_describe_mask(config.token_mask),
         source_image=None if not image_source else _describe(source), judge=judge is not None,
         **nbytes,
     )
@@ -147,6 +160,12 @@ def _check_image_source(src: ImageSource) -> None:
         raise MassactError(f"image file {str(src.image)!r} does not exist; accepted: a PNG or JPEG file")
     if not isinstance(src.caption, str) or not src.caption.strip():
         raise MassactError("empty source caption; accepted: a non-empty --source-caption")
+
+
+def _describe_mask(spec: Any) -> Any:
+    if isinstance(spec, (list, tuple)):
+        return [_describe_mask(s) for s in spec]
+    return str(spec) if isinstance(spec, (str, Path)) else "given tensor"
 
 
 def _describe(src: ImageSource) -> dict:

@@ -46,8 +46,27 @@ def rows_of(copy: int, n: int, copies: int, batched_cfg: bool, pair: int | None 
     return torch.cat([base, base + copies * n]) if batched_cfg else base
 
 
-def resolve_token_mask(spec: Any, grid: tuple[int, int], pairs: int) -> torch.Tensor:
+#: Token masks computed by the segmentation probe: the target's or the source's foreground, or both.
+MASK_KEYWORDS = ("target", "source", "union")
+
+
+def mask_keywords(spec: Any) -> set[str]:
+    """The segmentation keywords a token-mask spec uses."""
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    return {s for s in items if isinstance(s, str) and s in MASK_KEYWORDS}
+
+
+def resolve_token_mask(
+    spec: Any, grid: tuple[int, int], pairs: int, named: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """A token mask for every pair from a spec (see ``TransportConfig.token_mask``).
+
+    Args:
+        spec: ``"all"``, a keyword of :data:`MASK_KEYWORDS` (looked up in ``named``), a tensor or
+            array, a path, or a list of these (their union).
+        grid: Token grid ``(rows, cols)``.
+        pairs: Source/target pairs.
+        named: Precomputed masks per keyword, ``[pairs, rows, cols]`` each.
 
     Shapes:
         -> [pairs, rows, cols] bool.
@@ -56,11 +75,16 @@ def resolve_token_mask(spec: Any, grid: tuple[int, int], pairs: int) -> torch.Te
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise MassactError("empty list of token masks; accepted: one or more masks (their union)")
-        out = resolve_token_mask(spec[0], grid, pairs)
+        out = resolve_token_mask(spec[0], grid, pairs, named)
         for s in spec[1:]:
-            out = out | resolve_token_mask(s, grid, pairs)
+            out = out | resolve_token_mask(s, grid, pairs, named)
         return out
-    if isinstance(spec, str) and spec == "all":
+    if isinstance(spec, str) and spec in MASK_KEYWORDS:
+        if not named or spec not in named:
+            raise MassactError(f"token mask {spec!r} needs the segmentation probe's masks, which were "
+                               "not computed; accepted: call transport(), which computes them")
+        m = named[spec]
+    elif isinstance(spec, str) and spec == "all":
         m = torch.ones(rows, cols, dtype=torch.bool)
     elif isinstance(spec, (str, Path)):
         m = _mask_file(Path(spec), grid)
@@ -89,6 +113,41 @@ def _mask_file(p: Path, grid: tuple[int, int]) -> torch.Tensor:
     if p.suffix == ".npy":
         return torch.from_numpy(np.load(p)).bool()
     return mask_from_png(p, grid)
+
+
+def segmentation_masks(
+    model: Any, plan: Any, keywords: set[str], sources: list[str], targets: list[str],
+    image_source: ImageSource | None, stats: Any, k: int, t: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """Foreground token masks of the targets and/or sources from the segmentation probe.
+
+    Each trajectory is segmented with the probe's defaults (top-k channels at the model's last
+    site, middle step; a real image at noise level ``t``), with the pair's own seed.
+
+    Shapes:
+        -> {keyword: [pairs, rows, cols] bool}.
+    """
+    from .segmentation import SegmentConfig, segment
+
+    if stats is None:
+        raise MassactError(f"token mask {sorted(keywords)} needs a statistics run for the segmentation "
+                           "probe; accepted: --stats DIR")
+    need = {"target", "source"} if "union" in keywords else set(keywords)
+    out: dict[str, list[torch.Tensor]] = {w: [] for w in need}
+    for j, tgt in enumerate(targets):
+        gen = type(plan.gen)(**{**plan.gen.to_json(), "seed": plan.gen.seed + j})
+        base = dict(stats=stats, k=k, controls=("top",), generation=gen)
+        if "target" in need:
+            out["target"].append(segment(model, SegmentConfig(prompt=tgt, **base)).mask)
+        if "source" in need:
+            cfg = (SegmentConfig(image=image_source.image, caption=image_source.caption, t=t,
+                                 posterior=image_source.posterior, **base)
+                   if image_source is not None else SegmentConfig(prompt=sources[j], **base))
+            out["source"].append(segment(model, cfg).mask)
+    masks = {w: torch.stack(v).bool() for w, v in out.items()}
+    if "union" in keywords:
+        masks["union"] = masks["target"] | masks["source"]
+    return masks
 
 
 def transport_metrics(

@@ -209,3 +209,20 @@ def test_union_mask_is_the_segmentation_probes_target_and_source_masks(tiny_flux
         want = want | segment(tiny_flux, SegmentConfig(prompt=SRC[j], **seg)).mask
         assert torch.equal(r.token_mask[j], want)
     assert r.meta["token_mask"] == "union"
+
+
+def test_full_transport_identity_on_the_toy():
+    from massact_nn.tracing.model import load_model, toy_path
+
+    if not (toy_path() / "model_index.json").is_file():
+        pytest.skip("the embedded toy model is not shipped in this checkout yet")
+    toy = load_model("toy")
+    chans = {s.module: torch.arange(s.channels) for s in sites_of(toy)}
+    g = GenerationConfig(steps=4, seed=1)
+    src, tgt = ["a red circle on a blue background"], ["a green square on a white background"]
+    full = transport(toy, src, tgt, None, TransportConfig(generation=g, channels=chans, copy_norm_out=True,
+                                                          progress=False))
+    assert torch.equal(full.result, full.source) and (full.target - full.source).abs().max() > 1e-2
+    cfg = TransportConfig(generation=g, channels=chans, alpha=0.0, progress=False)
+    none = transport(toy, src, tgt, None, cfg)
+    assert torch.equal(none.result, none.target)

@@ -115,6 +115,7 @@ def test_every_adapter_names_real_diffusers_classes_and_known_layouts():
             assert adapter_for_class(cls) is a
         assert a.blocks and all(bl.layout in LAYOUTS for bl in a.blocks)
         assert a.guidance.mode in ("none", "batched", "two_calls")
+        assert all(hasattr(diffusers, p) for p in a.pipelines)
     assert set(supported_classes()) >= {
         "FluxTransformer2DModel", "Flux2Transformer2DModel", "QwenImageTransformer2DModel",
         "SanaTransformer2DModel", "SD3Transformer2DModel", "PixArtTransformer2DModel",
@@ -181,6 +182,18 @@ def test_guidance_rules_follow_each_pipeline_call_and_its_defaults():
     for name, pipeline in (("chroma", d.ChromaPipeline), ("cogview4", d.CogView4Pipeline)):
         assert _adapter(name).calls_per_step(_bare(pipeline), {}) == 2
         assert _adapter(name).calls_per_step(_bare(pipeline), {"guidance_scale": 1.0}) == 1
+
+
+def test_unverified_pipeline_of_a_covered_transformer_is_refused():
+    import diffusers as d
+
+    # SANA-Sprint runs the same transformer without CFG (a guidance embedding instead).
+    sprint = r"pipeline SanaSprintPipeline is not verified .*accepted: SanaPipeline$"
+    with pytest.raises(MassactError, match=sprint):
+        _adapter("sana").batched_cfg(_bare(d.SanaSprintPipeline), {})
+    # PAG adds a third, perturbed batch copy.
+    with pytest.raises(MassactError, match="pipeline PixArtSigmaPAGPipeline is not verified"):
+        _adapter("pixart").calls_per_step(_bare(d.PixArtSigmaPAGPipeline), {})
 
 
 def test_sd3_skip_layer_guidance_is_refused():

@@ -25,5 +25,6 @@ ADAPTER = Adapter(
     guidance=Guidance("batched", scale_above_one("guidance_scale")),
     grid=patch_grid,
     width=lambda cfg: cfg.num_attention_heads * cfg.attention_head_dim,
+    pipelines=("AuraFlowPipeline",),
     notes="AuraFlow v0.x text-to-image (AuraFlowPipeline).",
 )

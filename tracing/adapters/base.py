@@ -63,7 +63,8 @@ class Guidance:
         mode: ``"none"`` (one call, no unconditional branch), ``"batched"`` (one call on
             ``[uncond; cond]`` rows) or ``"two_calls"`` (conditional call first, then the
             unconditional one, per step).
-        active: Given the pipeline and the call's keyword arguments, whether guidance runs.
+        active: Given the pipeline and the call's keyword arguments, whether guidance runs. It may
+            raise :class:`MassactError` for a guidance setup the library cannot track.
     """
 
     mode: str
@@ -83,6 +84,9 @@ class Adapter:
         width: ``transformer config -> channels`` of the residual stream.
         call_defaults: Pipeline keyword arguments this library passes unless the user does.
         notes: Free text shown in docs (what was verified, caveats).
+        pipelines: Pipeline class names whose call structure (guidance, token layout) was verified;
+            others are refused, since e.g. PAG, Sprint or Kontext variants change rows or tokens.
+            Empty: not checked.
     """
 
     name: str
@@ -93,16 +97,26 @@ class Adapter:
     width: Callable[[Any], int]
     call_defaults: dict = field(default_factory=dict)
     notes: str = ""
+    pipelines: tuple[str, ...] = ()
+
+    def _active(self, pipe: Any, kwargs: dict) -> bool:
+        cls = type(pipe).__name__
+        if self.pipelines and cls not in self.pipelines:
+            raise MassactError(
+                f"pipeline {cls} is not verified with the {self.name!r} adapter (its guidance or token "
+                f"layout may differ); accepted: {', '.join(self.pipelines)}"
+            )
+        # The predicate always runs: it may refuse a guidance setup the library cannot track.
+        return self.guidance.active(pipe, kwargs)
 
     def calls_per_step(self, pipe: Any, kwargs: dict) -> int:
         """Transformer calls per denoising step for this call."""
-        # The predicate always runs: it may refuse a guidance setup the library cannot track.
-        active = self.guidance.active(pipe, kwargs)
+        active = self._active(pipe, kwargs)
         return 2 if self.guidance.mode == "two_calls" and active else 1
 
     def batched_cfg(self, pipe: Any, kwargs: dict) -> bool:
         """Whether the transformer sees ``[uncond; cond]`` rows in one call."""
-        active = self.guidance.active(pipe, kwargs)
+        active = self._active(pipe, kwargs)
         return self.guidance.mode == "batched" and active
 
 

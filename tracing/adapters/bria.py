@@ -30,5 +30,6 @@ ADAPTER = Adapter(
     guidance=Guidance("batched", scale_above_one("guidance_scale")),
     grid=_grid,
     width=lambda cfg: cfg.num_attention_heads * cfg.attention_head_dim,
+    pipelines=("BriaPipeline",),
     notes="Bria 3.x text-to-image (BriaPipeline).",
 )

@@ -26,5 +26,6 @@ ADAPTER = Adapter(
     guidance=Guidance("two_calls", scale_above_one("guidance_scale")),
     grid=packed_grid,
     width=lambda cfg: cfg.num_attention_heads * cfg.attention_head_dim,
+    pipelines=("ChromaPipeline",),
     notes="Chroma text-to-image (ChromaPipeline).",
 )

@@ -20,5 +20,6 @@ ADAPTER = Adapter(
     guidance=Guidance("batched", scale_above_one("guidance_scale")),
     grid=patch_grid,
     width=lambda cfg: cfg.num_attention_heads * cfg.attention_head_dim,
+    pipelines=("CogView3PlusPipeline",),
     notes="CogView3-Plus text-to-image (CogView3PlusPipeline).",
 )

@@ -21,5 +21,6 @@ ADAPTER = Adapter(
     guidance=Guidance("two_calls", scale_above_one("guidance_scale")),
     grid=patch_grid,
     width=lambda cfg: cfg.num_attention_heads * cfg.attention_head_dim,
+    pipelines=("CogView4Pipeline",),
     notes="CogView4 text-to-image (CogView4Pipeline); the Control pipeline is not verified.",
 )

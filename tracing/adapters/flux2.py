@@ -39,5 +39,6 @@ ADAPTER = Adapter(
     guidance=Guidance("two_calls", _klein_cfg),
     grid=packed_grid,
     width=lambda cfg: cfg.num_attention_heads * cfg.attention_head_dim,
+    pipelines=("Flux2Pipeline", "Flux2KleinPipeline"),
     notes="FLUX.2-dev (one call, guidance embedding) and FLUX.2-klein (true CFG, two calls).",
 )

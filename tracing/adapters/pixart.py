@@ -21,5 +21,6 @@ ADAPTER = Adapter(
     guidance=Guidance("batched", scale_above_one("guidance_scale")),
     grid=patch_grid,
     width=lambda cfg: cfg.num_attention_heads * cfg.attention_head_dim,
+    pipelines=("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
     notes="PixArt-α and PixArt-Σ text-to-image.",
 )

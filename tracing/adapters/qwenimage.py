@@ -30,5 +30,6 @@ ADAPTER = Adapter(
     guidance=Guidance("two_calls", _true_cfg),
     grid=packed_grid,
     width=lambda cfg: cfg.num_attention_heads * cfg.attention_head_dim,
+    pipelines=("QwenImagePipeline",),
     notes="Qwen-Image text-to-image; true CFG (two calls) only with a negative prompt.",
 )

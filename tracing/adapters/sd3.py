@@ -35,6 +35,7 @@ ADAPTER = Adapter(
     guidance=Guidance("batched", _cfg),
     grid=patch_grid,
     width=lambda cfg: cfg.num_attention_heads * cfg.attention_head_dim,
+    pipelines=("StableDiffusion3Pipeline",),
     notes="SD3-medium, SD3.5-medium/large/large-turbo; the dual-attention (MMDiT-X) blocks of "
     "SD3.5-medium return the same pair.",
 )

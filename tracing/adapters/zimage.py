@@ -44,6 +44,7 @@ ADAPTER = Adapter(
     guidance=Guidance("none", _refuse_cfg),
     grid=packed_grid,
     width=lambda cfg: cfg.dim,
+    pipelines=("ZImagePipeline",),
     notes="Z-Image text-to-image without CFG (guidance_scale=0, as Z-Image-Turbo runs); omni mode "
     "not verified.",
 )

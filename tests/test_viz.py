@@ -127,3 +127,20 @@ def test_step_evolution_plots_per_step_curves_with_a_site_slider(stats):
 def test_step_evolution_needs_per_step():
     with pytest.raises(MassactError, match="per_step=True"):
         step_evolution(_stats(per_step=False))
+
+
+def test_heatmap_can_show_only_the_top_channels(stats):
+    fig = channel_heatmap(stats, k=2, channels="top")
+    heat = fig.data[0]
+    union = sorted({c for s in stats.sites for name in STATISTICS
+                    for c in stats.top(s.module, 2, stat=name).tolist()})
+    assert list(heat.x) == [str(c) for c in union]
+    m = stats.matrix("abs_mean").double().numpy()[:, union]
+    np.testing.assert_allclose(np.asarray(heat.customdata), m, rtol=1e-6)
+    assert set(fig.data[1].x) <= set(heat.x)
+    fig = channel_heatmap(stats, channels=[3, 0])
+    assert list(fig.data[0].x) == ["0", "3"]
+    with pytest.raises(MassactError, match="out of range"):
+        channel_heatmap(stats, channels=[99])
+    with pytest.raises(MassactError, match="unknown channels 'bottom'"):
+        channel_heatmap(stats, channels="bottom")

@@ -25,6 +25,8 @@ META_KEYS = ("model", "architecture", "transformer_class", "versions", "prompts"
              "caption", "image", "source_prompt", "target_prompt", "source_image", "seed", "steps",
              "num_steps", "sites", "height", "width", "guidance_scale", "mode", "alpha", "k",
              "features", "foreground_rule", "dtype", "device")
+#: Above this width the full heatmap has sub-pixel columns: show the top channels first.
+WIDE = 256
 TRUTH_FILES = ("gt_mask.png", "true_mask.png", "truth.png")
 
 
@@ -51,8 +53,12 @@ def stats_section(folder: Path, anchor: str) -> tuple[str, list[str]]:
             H.figure(massive_profile(stats)),
             H.heading(3, "Channels × layers"),
             H.paragraph("Log colour scale; circles mark each layer's top-k channels. The "
-                        "dropdown switches the statistic."),
-            H.figure(channel_heatmap(stats))]
+                        "dropdown switches the statistic.")]
+    if max(s.channels for s in stats.sites) > WIDE:
+        out += [H.paragraph("Only the channels that are top-k at some layer (a full-width "
+                            "heatmap follows; zoom in with the mouse)."),
+                H.figure(channel_heatmap(stats, channels="top"))]
+    out += [H.figure(channel_heatmap(stats))]
     if stats.has_per_step:
         out += [H.heading(3, "Per-step evolution of the top channels"),
                 H.paragraph("The slider picks the site (layer)."),

@@ -56,6 +56,7 @@ def channel_heatmap(
     stats: ChannelStats,
     k: int | None = None,
     statistics: Sequence[str] = STATISTICS,
+    channels: str | Sequence[int] | None = None,
     title: str | None = None,
 ) -> go.Figure:
     """Layers × channels heatmap of a statistic on a log colour scale, top-k channels marked.
@@ -68,6 +69,8 @@ def channel_heatmap(
         stats: Channel statistics of one run.
         k: How many top channels to mark per site (default: the run's k).
         statistics: Which statistics the dropdown offers, the first shown initially.
+        channels: Columns shown: ``None`` (every channel), ``"top"`` (the union of every site's
+            top-k under the offered statistics: readable for 3072-wide models), or channel ids.
         title: Figure title (default: names the model).
     """
     if not statistics:
@@ -79,12 +82,19 @@ def channel_heatmap(
     kk = stats.k if k is None else k
     check_k(kk, min(s.channels for s in stats.sites))
     labels = [site_label(s.module, s.layer) for s in stats.sites]
+    cols = _columns(stats, kk, statistics, channels)
+    # A subset is drawn as categories so that the chosen columns sit side by side.
+    xs_all = np.arange(stat_matrix(stats, statistics[0]).shape[1]) if cols is None else \
+        [str(c) for c in cols]
     fig = go.Figure()
     for j, name in enumerate(statistics):
         raw = stat_matrix(stats, name)
-        z = log10_floor(raw)
+        if cols is not None:
+            raw = raw[:, cols]
+        raw = raw.astype(np.float32)  # half the HTML of float64, and plenty for a colour
+        z = log10_floor(raw).astype(np.float32)
         fig.add_trace(go.Heatmap(
-            z=z, customdata=raw, x=np.arange(raw.shape[1]), y=labels,
+            z=z, customdata=raw, x=xs_all, y=labels,
             colorscale="Viridis", zmin=float(np.nanmin(z)), zmax=float(np.nanmax(z)),
             colorbar=log_colorbar(float(np.nanmin(z)), float(np.nanmax(z)), name),
             hovertemplate=(f"site %{{y}}<br>channel %{{x}}<br>{name} = %{{customdata:.4g}}"
@@ -96,7 +106,9 @@ def channel_heatmap(
             top = stats.top(s.module, kk, stat=name).tolist()
             v = as_numpy(stats.stat(s.module, name))
             for r, c in enumerate(top):
-                xs.append(c)
+                if cols is not None and c not in cols:
+                    continue
+                xs.append(c if cols is None else str(c))
                 ys.append(lab)
                 vals.append(v[c])
                 ranks.append(r + 1)
@@ -117,7 +129,8 @@ def channel_heatmap(
     model = run_label(stats.meta, "model")
     fig.update_layout(
         title=dict(text=title or f"Channel statistics per site · {model} · circles: top-{kk}"),
-        xaxis=dict(title="channel", showgrid=False),
+        xaxis=dict(title="channel" if cols is None else "channel (only those listed)",
+                   showgrid=False, type="linear" if cols is None else "category"),
         yaxis=dict(title="", autorange="reversed", type="category", showgrid=False),
         updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.12,
                           yanchor="bottom", showactive=True)],
@@ -125,6 +138,24 @@ def channel_heatmap(
         margin=dict(l=10, r=10, t=80, b=50),
     )
     return fig
+
+
+def _columns(
+    stats: ChannelStats, k: int, statistics: Sequence[str], channels: str | Sequence[int] | None
+) -> list[int] | None:
+    if channels is None:
+        return None
+    width = max(s.channels for s in stats.sites)
+    if isinstance(channels, str):
+        if channels != "top":
+            raise choice_error("channels", channels, ["None", "top", "a list of channel ids"])
+        return sorted({int(c) for name in statistics for s in stats.sites
+                       for c in stats.top(s.module, k, stat=name).tolist()})
+    ids = [int(c) for c in channels]
+    bad = [c for c in ids if not 0 <= c < width]
+    if not ids or bad:
+        raise MassactError(f"channels {bad or ids} out of range; accepted: ids in 0..{width - 1}")
+    return sorted(set(ids))
 
 
 def _profile_rows(stats: ChannelStats, stat: str) -> dict[str, list]:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from massact_nn._io import save_json
-from massact_nn.errors import MassactError
 
 #: Prompts of the toy's shapes world (any text works for other models).
 STATS_PROMPTS = (
@@ -151,7 +150,6 @@ def _segment(ctx: dict) -> list[Path]:
                         sites=_seg_sites(ctx), steps=steps, generation=ctx["gen"])
     folder = ctx["out"] / "segment"
     write(segment(ctx["model"], cfg), folder)
-    ctx["target_mask"] = folder
     return [folder]
 
 
@@ -184,11 +182,7 @@ def _segment_world(ctx: dict) -> list[Path]:
 def _transport(ctx: dict) -> list[Path]:
     TransportConfig, transport, save = _import(  # noqa: N806
         "probes.transport", "TransportConfig", "transport", "save_transport")
-    mask = ctx.get("target_mask", "all")
-    cfg = TransportConfig(generation=ctx["gen"], k=ctx["k"],
-                          token_mask=str(mask) if mask != "all" else "all")
-    try:
-        result = transport(ctx["model"], SOURCE_PROMPT, TARGET_PROMPT, ctx["stats"], cfg)
-    except MassactError:
-        raise
+    # p = the target's own foreground (the segmentation probe on the target trajectory).
+    cfg = TransportConfig(generation=ctx["gen"], k=ctx["k"], token_mask="target")
+    result = transport(ctx["model"], SOURCE_PROMPT, TARGET_PROMPT, ctx["stats"], cfg)
     return [save(result, ctx["out"] / "transport")]

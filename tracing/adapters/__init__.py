@@ -14,6 +14,7 @@ from . import (
     cogview4,
     flux,
     flux2,
+    hunyuandit,
     pixart,
     qwenimage,
     sana,
@@ -25,6 +26,7 @@ from .base import LAYOUTS, Adapter, BlockList, Guidance, read_image, write_image
 ADAPTERS: tuple[Adapter, ...] = (
     flux.ADAPTER, flux2.ADAPTER, qwenimage.ADAPTER, sana.ADAPTER, sd3.ADAPTER, pixart.ADAPTER,
     chroma.ADAPTER, cogview4.ADAPTER, auraflow.ADAPTER, zimage.ADAPTER, bria.ADAPTER, cogview3plus.ADAPTER,
+    hunyuandit.ADAPTER,
 )
 
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.transformer_classes}

@@ -69,6 +69,17 @@ def tiny_qwen25_vl(vocab_size: int, hidden: int = 16):
     return Qwen2_5_VLForConditionalGeneration(cfg)
 
 
+def tiny_bert(vocab_size: int, hidden: int = 16):
+    """A one-layer ``BertModel`` (HunyuanDiT's first text encoder)."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=128,
+    )
+    return BertModel(cfg, add_pooling_layer=False)
+
+
 def tiny_gemma2(vocab_size: int, hidden: int = 16):
     """A one-layer ``Gemma2Model`` (SANA's text encoder class)."""
     from transformers import Gemma2Config, Gemma2Model

@@ -1,4 +1,4 @@
-"""Tiny random pipelines of Z-Image, Bria and CogView3-Plus (see :mod:`.tiny` for the registry).
+"""Tiny random pipelines of Z-Image, Bria, CogView3-Plus and HunyuanDiT (see :mod:`.tiny` for the registry).
 
 Each builder saves a real diffusers pipeline with 2 (+2) blocks of width 32 to ``folder``;
 ``plant=(channel, scale)`` edits the first block's weights so that channel carries a large,
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .parts import pin_gate, plant_bias, plant_swiglu, tiny_qwen3, tiny_t5, tiny_vae
+from .parts import pin_gate, plant_bias, plant_swiglu, tiny_bert, tiny_qwen3, tiny_t5, tiny_vae
 from .tiny_flow import HEAD_DIM, HEADS, WIDTH, _save
-from .tokenizers import byte_tokenizer, t5_tokenizer
+from .tokenizers import bert_tokenizer, byte_tokenizer, t5_tokenizer
 
 
 def build_zimage(folder, *, seed: int = 0, plant: tuple[int, float] | None = None):
@@ -84,5 +84,32 @@ def build_cogview3plus(folder, *, seed: int = 0, plant: tuple[int, float] | None
     pipe = CogView3PlusPipeline(
         tokenizer=t5, text_encoder=tiny_t5(len(t5)), vae=tiny_vae(), transformer=transformer,
         scheduler=CogVideoXDDIMScheduler(),
+    )
+    return _save(pipe, folder)
+
+
+def build_hunyuandit(folder, *, seed: int = 0, plant: tuple[int, float] | None = None):
+    """A tiny ``HunyuanDiTPipeline`` (one-layer BERT and T5).
+
+    Four blocks: the last one takes the long skip from the first. Call it with
+    ``use_resolution_binning=False``.
+    """
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+
+    torch.manual_seed(seed)
+    bert, t5 = bert_tokenizer(), t5_tokenizer(max_length=256)
+    transformer = HunyuanDiT2DModel(
+        num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=4, patch_size=2, sample_size=16,
+        hidden_size=WIDTH, num_layers=4, cross_attention_dim=16, cross_attention_dim_t5=32,
+        pooled_projection_dim=16, text_len=77, text_len_t5=256,
+    )
+    if plant is not None:
+        # The cross-attention output is added to the residual stream without a gate.
+        plant_bias(transformer.blocks[0].attn2.to_out[0], *plant)
+    pipe = HunyuanDiTPipeline(
+        # The pipeline's rotary grid hard-codes an 8× VAE: four levels.
+        vae=tiny_vae(levels=4), text_encoder=tiny_bert(len(bert)), tokenizer=bert, transformer=transformer,
+        scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        text_encoder_2=tiny_t5(len(t5)), tokenizer_2=t5,
     )
     return _save(pipe, folder)

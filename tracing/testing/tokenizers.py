@@ -68,3 +68,13 @@ def byte_tokenizer(max_length: int = 512):
     )
     tok.chat_template = CHATML_TEMPLATE
     return tok
+
+
+def bert_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS, max_length: int = 77):
+    """A word-level ``BertTokenizer`` (the special tokens, the word list and single letters)."""
+    from transformers import BertTokenizer
+
+    vocab: dict[str, int] = {}
+    for w in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *"abcdefghijklmnopqrstuvwxyz"):
+        vocab.setdefault(w, len(vocab))
+    return BertTokenizer(vocab=vocab, model_max_length=max_length)

@@ -58,6 +58,7 @@ IMAGE_OF = {
     "bria": {"transformer_blocks": _second, "single_transformer_blocks": _second},
     "cogview3plus": {"transformer_blocks": _first},
     "hunyuandit": {"blocks": _tensor},
+    "ovis": {"transformer_blocks": _second, "single_transformer_blocks": _second},
 }
 FAMILIES = sorted(IMAGE_OF)
 
@@ -77,6 +78,7 @@ GUIDANCE_ON = {
     "bria": ({"guidance_scale": 3.0}, "batched"),
     "cogview3plus": ({"guidance_scale": 3.0}, "batched"),
     "hunyuandit": ({"guidance_scale": 3.0}, "batched"),
+    "ovis": ({"guidance_scale": 3.0}, "two_calls"),
 }
 
 

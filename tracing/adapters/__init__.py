@@ -15,6 +15,7 @@ from . import (
     flux,
     flux2,
     hunyuandit,
+    ovis,
     pixart,
     qwenimage,
     sana,
@@ -26,7 +27,7 @@ from .base import LAYOUTS, Adapter, BlockList, Guidance, read_image, write_image
 ADAPTERS: tuple[Adapter, ...] = (
     flux.ADAPTER, flux2.ADAPTER, qwenimage.ADAPTER, sana.ADAPTER, sd3.ADAPTER, pixart.ADAPTER,
     chroma.ADAPTER, cogview4.ADAPTER, auraflow.ADAPTER, zimage.ADAPTER, bria.ADAPTER, cogview3plus.ADAPTER,
-    hunyuandit.ADAPTER,
+    hunyuandit.ADAPTER, ovis.ADAPTER,
 )
 
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.transformer_classes}

@@ -1,4 +1,6 @@
-"""Tiny random pipelines of Z-Image, Bria, CogView3-Plus and HunyuanDiT (see :mod:`.tiny` for the registry).
+"""Tiny random pipelines of Z-Image, Bria, CogView3-Plus, HunyuanDiT and Ovis-Image.
+
+See :mod:`.tiny` for the registry.
 
 Each builder saves a real diffusers pipeline with 2 (+2) blocks of width 32 to ``folder``;
 ``plant=(channel, scale)`` edits the first block's weights so that channel carries a large,
@@ -111,5 +113,31 @@ def build_hunyuandit(folder, *, seed: int = 0, plant: tuple[int, float] | None =
         vae=tiny_vae(levels=4), text_encoder=tiny_bert(len(bert)), tokenizer=bert, transformer=transformer,
         scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         text_encoder_2=tiny_t5(len(t5)), tokenizer_2=t5,
+    )
+    return _save(pipe, folder)
+
+
+def build_ovis(folder, *, seed: int = 0, plant: tuple[int, float] | None = None):
+    """A tiny ``OvisImagePipeline`` (two-layer Qwen3 text encoder, byte-level tokenizer).
+
+    The pipeline drops 28 template tokens: bytes of the real template here, so call it with a
+    ``max_sequence_length`` long enough to reach the prompt (``CALL_DEFAULTS["ovis"]``).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline, OvisImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    tok = byte_tokenizer()
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=2, num_single_layers=2,
+        attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=16,
+        axes_dims_rope=(4, 6, 6),
+    )
+    if plant is not None:
+        block = transformer.transformer_blocks[0]
+        plant_bias(block.ff.net[2], *plant)
+        pin_gate(block.norm1.linear, 5 * WIDTH + plant[0])
+    pipe = OvisImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), tokenizer=tok,
+        text_encoder=tiny_qwen3(len(tok), layers=2, causal_lm=False), transformer=transformer,
     )
     return _save(pipe, folder)

@@ -59,12 +59,15 @@ IMAGE_OF = {
     "cogview3plus": {"transformer_blocks": _first},
     "hunyuandit": {"blocks": _tensor},
     "ovis": {"transformer_blocks": _second, "single_transformer_blocks": _second},
+    "krea2": {"transformer_blocks": _last_n},
 }
 FAMILIES = sorted(IMAGE_OF)
 
 # Pipeline kwargs with guidance off, and (kwargs, mode) with guidance on.
 _NEG = {"negative_prompt": [""] * len(PROMPTS)}
-GUIDANCE_OFF = {f: {"guidance_scale": 1.0} for f in FAMILIES} | {"flux": {}, "qwenimage": {}, "zimage": {}}
+GUIDANCE_OFF = {f: {"guidance_scale": 1.0} for f in FAMILIES} | {
+    "flux": {}, "qwenimage": {}, "zimage": {}, "krea2": {"guidance_scale": 0.0},
+}
 GUIDANCE_ON = {
     "flux": ({"true_cfg_scale": 2.0, **_NEG}, "two_calls"),
     "flux2": ({"guidance_scale": 3.0}, "two_calls"),
@@ -79,6 +82,7 @@ GUIDANCE_ON = {
     "cogview3plus": ({"guidance_scale": 3.0}, "batched"),
     "hunyuandit": ({"guidance_scale": 3.0}, "batched"),
     "ovis": ({"guidance_scale": 3.0}, "two_calls"),
+    "krea2": ({"guidance_scale": 3.0}, "two_calls"),
 }
 
 

@@ -15,6 +15,7 @@ from . import (
     flux,
     flux2,
     hunyuandit,
+    krea2,
     ovis,
     pixart,
     qwenimage,
@@ -27,7 +28,7 @@ from .base import LAYOUTS, Adapter, BlockList, Guidance, read_image, write_image
 ADAPTERS: tuple[Adapter, ...] = (
     flux.ADAPTER, flux2.ADAPTER, qwenimage.ADAPTER, sana.ADAPTER, sd3.ADAPTER, pixart.ADAPTER,
     chroma.ADAPTER, cogview4.ADAPTER, auraflow.ADAPTER, zimage.ADAPTER, bria.ADAPTER, cogview3plus.ADAPTER,
-    hunyuandit.ADAPTER, ovis.ADAPTER,
+    hunyuandit.ADAPTER, ovis.ADAPTER, krea2.ADAPTER,
 )
 
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.transformer_classes}

@@ -80,6 +80,25 @@ def tiny_bert(vocab_size: int, hidden: int = 16):
     return BertModel(cfg, add_pooling_layer=False)
 
 
+def tiny_qwen3_vl(vocab_size: int, hidden: int = 16, layers: int = 2):
+    """A narrow ``Qwen3VLModel`` (the vision tower is built but unused)."""
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+            "mrope_interleaved": True}
+    text = dict(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+        rope_parameters=rope, bos_token_id=0, eos_token_id=0,
+    )
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
+                  patch_size=14, spatial_merge_size=2, deepstack_visual_indexes=[0])
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=vocab_size - 1,
+                        video_token_id=vocab_size - 2, vision_start_token_id=vocab_size - 3,
+                        vision_end_token_id=vocab_size - 4)
+    return Qwen3VLModel(cfg)
+
+
 def tiny_gemma2(vocab_size: int, hidden: int = 16):
     """A one-layer ``Gemma2Model`` (SANA's text encoder class)."""
     from transformers import Gemma2Config, Gemma2Model

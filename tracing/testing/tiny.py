@@ -17,7 +17,7 @@ from .parts import tiny_t5 as _tiny_t5
 from .parts import tiny_vae as _tiny_vae
 from .tiny_dit import build_auraflow, build_pixart, build_sana, build_sd3
 from .tiny_flow import build_chroma, build_cogview4, build_flux2, build_qwenimage
-from .tiny_more import build_bria, build_cogview3plus, build_hunyuandit, build_ovis, build_zimage
+from .tiny_more import build_bria, build_cogview3plus, build_hunyuandit, build_krea2, build_ovis, build_zimage
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 #: Keyword arguments that make a tiny pipeline's call cheap and valid, by family.
@@ -39,6 +39,8 @@ CALL_DEFAULTS: dict[str, dict] = {
     "cogview3plus": {},
     "hunyuandit": {"use_resolution_binning": False},
     "ovis": {"max_sequence_length": 160},
+    # Byte-level tokens: Krea 2's system prefix alone is ~140 tokens (the prompt comes after it).
+    "krea2": {"max_sequence_length": 192},
 }
 
 
@@ -111,4 +113,5 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "pixart": build_pixart, "sd3": build_sd3, "chroma": build_chroma, "cogview4": build_cogview4,
     "auraflow": build_auraflow, "zimage": build_zimage, "bria": build_bria,
     "cogview3plus": build_cogview3plus, "hunyuandit": build_hunyuandit, "ovis": build_ovis,
+    "krea2": build_krea2,
 }

@@ -1,4 +1,4 @@
-"""Tiny random pipelines of Z-Image, Bria, CogView3-Plus, HunyuanDiT and Ovis-Image.
+"""Tiny random pipelines of Z-Image, Bria, CogView3-Plus, HunyuanDiT, Ovis-Image and Krea 2.
 
 See :mod:`.tiny` for the registry.
 
@@ -11,7 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from .parts import pin_gate, plant_bias, plant_swiglu, tiny_bert, tiny_qwen3, tiny_t5, tiny_vae
+from .parts import (
+    pin_gate,
+    plant_bias,
+    plant_swiglu,
+    tiny_bert,
+    tiny_qwen3,
+    tiny_qwen3_vl,
+    tiny_t5,
+    tiny_vae,
+    tiny_vae_qwen,
+)
 from .tiny_flow import HEAD_DIM, HEADS, WIDTH, _save
 from .tokenizers import bert_tokenizer, byte_tokenizer, t5_tokenizer
 
@@ -139,5 +149,32 @@ def build_ovis(folder, *, seed: int = 0, plant: tuple[int, float] | None = None)
     pipe = OvisImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), tokenizer=tok,
         text_encoder=tiny_qwen3(len(tok), layers=2, causal_lm=False), transformer=transformer,
+    )
+    return _save(pipe, folder)
+
+
+def build_krea2(folder, *, seed: int = 0, plant: tuple[int, float] | None = None):
+    """A tiny ``Krea2Pipeline`` (two-layer Qwen3-VL text encoder tapped at layers 1 and 2)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
+
+    torch.manual_seed(seed)
+    tok = byte_tokenizer()
+    transformer = Krea2Transformer2DModel(
+        in_channels=16, num_layers=2, attention_head_dim=HEAD_DIM, num_attention_heads=HEADS,
+        num_key_value_heads=1, intermediate_size=64, timestep_embed_dim=32, text_hidden_dim=16,
+        num_text_layers=2, text_num_attention_heads=2, text_num_key_value_heads=1, text_intermediate_size=32,
+        num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6),
+    )
+    if plant is not None:
+        block = transformer.transformer_blocks[0]
+        ff = block.ff
+        plant_swiglu(ff.gate.weight.data, ff.up.weight.data, ff.down, *plant)
+        with torch.no_grad():
+            # The gate is a shared time projection plus this block's table (row 5: post-FF gate).
+            block.scale_shift_table[5, plant[0]] = 1.0
+    pipe = Krea2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae_qwen(),
+        text_encoder=tiny_qwen3_vl(len(tok)), tokenizer=tok, transformer=transformer,
+        text_encoder_select_layers=(1, 2),
     )
     return _save(pipe, folder)

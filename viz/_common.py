@@ -43,13 +43,33 @@ def log_colorbar(zmin: float, zmax: float, title: str) -> dict:
         step = math.ceil((hi - lo) / 8)
     else:
         step = 1
-    vals = list(range(lo, hi + 1, step))
+    vals = [float(v) for v in range(lo, hi + 1, step)]
+    if zmax - zmin < 2:  # a narrow range would show one label or none: add 2×, 3× and 5× ticks
+        vals = sorted(d + math.log10(m) for d in range(lo, hi + 1) for m in (1, 2, 3, 5))
+    vals = [v for v in vals if zmin - 1e-9 <= v <= zmax + 1e-9] or [zmin, zmax]
     return dict(
         title=dict(text=title, side="right"),
         tickvals=vals,
-        ticktext=[fmt(10.0**v) for v in vals],
+        ticktext=[fmt(float(f"{10.0**v:.3g}")) for v in vals],
         thickness=14,
     )
+
+
+def compact_ints(values: object) -> str:
+    """``[0, 1, 2, 3, 7]`` -> ``"0–3, 7"``: step and layer lists stay readable in titles."""
+    if not isinstance(values, (list, tuple)) or not values or \
+            not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return str(values)
+    vs = sorted(set(values))
+    runs, start, prev = [], vs[0], vs[0]
+    for v in vs[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        runs.append(str(start) if start == prev else f"{start}–{prev}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(runs)
 
 
 def fmt(v: float) -> str:

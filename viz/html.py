@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import plotly.offline
 
-from ._common import fmt, png_data_uri
+from ._common import compact_ints, fmt, png_data_uri
 
 _ERROR_CATCHER = """
 <script>
@@ -181,6 +181,8 @@ def metadata(meta: dict, summary_keys: Sequence[str] = ()) -> str:
 def _short(v: object) -> str:
     if isinstance(v, dict):
         return ", ".join(f"{k} {x}" for k, x in v.items())
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, int) for x in v):
+        return compact_ints(list(v))
     if isinstance(v, (list, tuple)):
         s = "; ".join(str(x) for x in v)
         return s if len(s) < 400 else s[:400] + f" … ({len(v)} items)"

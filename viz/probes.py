@@ -21,7 +21,7 @@ from massact_nn.masks import iou, upsample_nearest
 from massact_nn.segmentation_result import SegmentationResult
 from massact_nn.transport import TransportResult
 
-from ._common import FONT, fmt, run_label
+from ._common import FONT, compact_ints, fmt, run_label
 from ._images import image_axes, image_trace, mask_traces
 
 CONTROL_COLOURS = {"none": "#333333", "top": "#d62728", "low": "#1f77b4", "random": "#7f7f7f"}
@@ -93,7 +93,7 @@ def disruption_grid(result: DisruptionResult, max_prompts: int = 4, title: str |
     mode = result.meta.get("mode", "?")
     fig.update_layout(
         title=dict(text=title or f"Disruption ({_esc(mode)}) · {_esc(run_label(result.meta, 'model'))}"
-                   f" · steps {_esc(result.meta.get('steps', 'all'))}"),
+                   f" · steps {_esc(compact_ints(result.meta.get('steps', 'all')))}"),
         height=150 + 190 * n, width=None, font=FONT, template="plotly_white",
         margin=dict(l=10, r=40, t=110, b=10),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,9 @@ def test_demo_report_draws_in_a_browser(demo, tmp_path):
     out, _ = demo
     text = (out / "report.html").read_text()
     n = text.count('class="plotly-graph-div"')
-    seen = check_in_browser(out / "report.html", screenshot=tmp_path / "demo.png")
+    keep = os.environ.get("MASSACT_SCREENSHOTS")  # kept there (e.g. a CI artifact), else tmp
+    shot = (Path(keep) if keep else tmp_path) / "demo.png"
+    seen = check_in_browser(out / "report.html", screenshot=shot)
     assert seen.errors == []
     assert n >= 3 and seen.figures == n and seen.drawn == n
     assert seen.screenshot is not None and seen.screenshot.stat().st_size > 10_000

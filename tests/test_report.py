@@ -3,6 +3,7 @@ that really draws in a browser (headless Chromium; skipped with a reason where i
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -89,9 +90,15 @@ def test_cli_report_writes_and_bad_folders_fail_in_one_line(runs, tmp_path, caps
         build_report([empty], tmp_path / "x.html")
 
 
+def screenshot_path(tmp_path: Path, name: str) -> Path:
+    """Where a screenshot goes: ``$MASSACT_SCREENSHOTS`` (kept, e.g. as a CI artifact) or tmp."""
+    keep = os.environ.get("MASSACT_SCREENSHOTS")
+    return (Path(keep) if keep else tmp_path) / name
+
+
 @needs_chromium
 def test_report_draws_every_figure_without_js_errors(report, tmp_path):
-    shot = tmp_path / "report.png"
+    shot = screenshot_path(tmp_path, "report.png")
     seen = check_in_browser(report, screenshot=shot)
     assert seen.errors == []
     assert seen.figures == N_FIGURES and seen.drawn == N_FIGURES

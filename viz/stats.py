@@ -134,6 +134,8 @@ def channel_heatmap(
         yaxis=dict(title="", autorange="reversed", type="category", showgrid=False),
         updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.12,
                           yanchor="bottom", showactive=True)],
+        annotations=[dict(text="statistic:", showarrow=False, xref="paper", yref="paper",
+                          x=0.88, xanchor="right", y=1.12, yanchor="bottom", yshift=6)],
         height=max(360, 22 * len(labels) + 170), font=FONT, template="plotly_white",
         margin=dict(l=10, r=10, t=80, b=50),
     )

@@ -216,6 +216,7 @@ REAL = [
     ("sd3.5-large", "sd3", 38, 2432, "transformer_blocks.0", "transformer_blocks.37"),
     ("sd3.5-medium", "sd3", 24, 1536, "transformer_blocks.0", "transformer_blocks.23"),
     ("pixart-sigma", "pixart", 28, 1152, "transformer_blocks.0", "transformer_blocks.27"),
+    ("z-image-turbo", "zimage", 2 + 30, 3840, "noise_refiner.0", "layers.29"),
 ]
 
 
@@ -228,6 +229,16 @@ def test_sites_of_real_configs_without_weights(folder, arch, n, width, first, la
     assert {s.channels for s in sites} == {width}
     assert (sites[0].module, sites[-1].module) == (first, last)
     assert [s.layer for s in sites] == list(range(n))
+
+
+def test_site_table_of_a_32b_model_allocates_no_weights():
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    _, sites = sites_from_folder(CONFIGS / "flux2-dev")
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert len(sites) == 56
+    assert grown < 2 * 1024 * 1024, f"peak memory grew by {grown / 1024:.0f} MiB"  # the weights: ~120 GiB
 
 
 def test_flux1_dev_site_kinds_in_execution_order():

@@ -223,7 +223,7 @@ def test_evaluation_rows_controls_and_baseline_arithmetic(tiny_flux, planted):
     wb = World(0).sample(2, seed=9)
     rep = evaluate_segmentation(tiny_flux, planted[1], world_samples=wb, sites=[PLANT_SITE, 3],
                                 steps=[1], t_values=(0.5,), k=2, random_draws=2, num_steps=2,
-                                progress=False)
+                                filter_generated=False, progress=False)
     rows = rep["rows"]
     keys = {(r["source"], r["site"], r["set"]) for r in rows}
     for src in ("real", "generated"):
@@ -239,3 +239,17 @@ def test_evaluation_rows_controls_and_baseline_arithmetic(tiny_flux, planted):
     frac = float(wb.masks.reshape(2, -1).mean(1).mean())
     assert by[("real", "-", "all_foreground")]["iou_mean"] == pytest.approx(frac)
     assert "| t=0.5 | vote |" in rep["markdown"] and rep["config"]["samples"] == 2
+
+
+def test_generated_pseudo_truth_needs_the_caption_colours():
+    from massact_nn.tracing.probes.segmentation_eval import drawn_mask
+
+    from massact_nn import world as W
+
+    wb = W.World(0).sample(1, seed=4)
+    a = {k: int(v[0]) for k, v in wb.attributes.items() if k in ("fg_colour", "bg_colour")}
+    fg, bg = W.RGB[a["fg_colour"]], W.RGB[a["bg_colour"]]
+    img = torch.from_numpy(wb.images[0])
+    assert torch.equal(drawn_mask(img, fg, bg), torch.from_numpy(wb.masks[0]))
+    assert drawn_mask(img, bg, W.RGB[[c for c in range(6) if c not in a.values()][0]]) is None
+    assert drawn_mask(torch.rand(3, 32, 32) * 2 - 1, fg, bg) is None

@@ -7,8 +7,10 @@ Two sources of images, both from the shapes world (:mod:`massact_nn.world`):
 - ``generated``: trajectories generated from world captions. A generated image has no true
   mask; its pseudo-truth is the colour mask of the final image (pixels nearer the caption's
   foreground colour than its background colour), which is sound for a flat-colour world and
-  a model that draws the right colours. Activations at earlier steps are scored against the
-  final image's mask.
+  a model that draws the right colours. Images that do not (fewer than 80% of pixels within
+  0.5 of either caption colour in [-1, 1] RGB, or a foreground share outside 5-75%) are not
+  scored, and the count of scored images is reported. Activations at earlier steps are
+  scored against the final image's mask.
 
 Every (source, noise level, site) is clustered with ``top``, ``all``, ``low`` and ``random``
 channel sets (``random``: several seeded draws, pooled), and also with a strict-majority
@@ -85,6 +87,7 @@ def evaluate_segmentation(
     foreground: str = "border",
     seed: int = 2000,
     sources: Sequence[str] = ("real", "generated"),
+    filter_generated: bool = True,
     progress: bool = True,
 ) -> dict:
     """Mask IoU for every channel set and baseline, per source, noise level and site.
@@ -103,6 +106,7 @@ def evaluate_segmentation(
         foreground: Foreground rule.
         seed: Seed of the world draw, of the generations and of the noise.
         sources: ``real`` and/or ``generated``.
+        filter_generated: Score only generated images that drew their caption's colours.
         progress: tqdm bar over images.
 
     Returns:
@@ -131,6 +135,7 @@ def evaluate_segmentation(
     opts = (features, foreground, "vote", 0)
     scores: dict = {src: defaultdict(list) for src in sources}
     t_of_step: dict[int, list[float]] = defaultdict(list)
+    scored = 0
     bar = tqdm(total=len(batch) * len(sources), desc="segmentation eval", disable=not progress)
     for i in range(len(batch)):
         truth_px = torch.from_numpy(batch.masks[i])
@@ -148,14 +153,18 @@ def evaluate_segmentation(
             plan.gen.seed = seed + i
             tokens, inputs, image, t_of = capture_generated(model, plan, batch.captions[i], union)
             a = W.parse_caption(batch.captions[i])
-            pseudo = colour_mask(image * 2 - 1, torch.from_numpy(W.RGB[a["fg_colour"]]),
-                                 torch.from_numpy(W.RGB[a["bg_colour"]]))
+            fg, bg = W.RGB[a["fg_colour"]], W.RGB[a["bg_colour"]]
+            pseudo = drawn_mask(image * 2 - 1, fg, bg) if filter_generated else colour_mask(
+                image * 2 - 1, torch.from_numpy(fg), torch.from_numpy(bg))
+            bar.update(1)
+            if pseudo is None:
+                continue
+            scored += 1
             for s in plan.steps:
                 t_of_step[s].append(t_of[s])
                 tok = {m: tokens[(m, s)] for m in modules}
                 _score(tok, inputs[s], pseudo, modules, s, union, sets, plan.grid, opts,
                        scores["generated"])
-            bar.update(1)
     bar.close()
     rows = []
     for src, table in scores.items():
@@ -170,11 +179,33 @@ def evaluate_segmentation(
               "t_values": list(t_values), "k": k, "random_draws": random_draws,
               "num_steps": n_steps, "features": features, "foreground": foreground, "seed": seed,
               "ground_truth": {"real": "world masks",
-                               "generated": "colour mask of the final generated image"}}
-    return {"rows": rows, "markdown": to_markdown(rows, k, len(batch)), "config": config}
+                               "generated": "colour mask of the final generated image"},
+              "generated_scored": scored if "generated" in sources else None}
+    md = to_markdown(rows, k, {"real": len(batch), "generated": scored})
+    if "generated" in sources:
+        md += (f"\nGenerated images scored: {scored} of {len(batch)} (the others did not draw their "
+               "caption's two colours, so they have no pseudo-truth).\n")
+    return {"rows": rows, "markdown": md, "config": config}
 
 
-def to_markdown(rows: list[dict], k: int, images: int) -> str:
+def drawn_mask(
+    image: torch.Tensor, fg: np.ndarray, bg: np.ndarray, near: float = 0.5, explained: float = 0.8,
+    share: tuple[float, float] = (0.05, 0.75),
+) -> torch.Tensor | None:
+    """The colour mask of a generated world image, or ``None`` when it did not draw its colours.
+
+    Shapes:
+        image: [3, H, W] in [-1, 1]; fg, bg: [3] -> [H, W] bool.
+    """
+    f, b = torch.from_numpy(np.asarray(fg)).float(), torch.from_numpy(np.asarray(bg)).float()
+    img = image.float()
+    d = torch.minimum((img - f.view(3, 1, 1)).norm(dim=0), (img - b.view(3, 1, 1)).norm(dim=0))
+    mask = colour_mask(img, f, b)
+    ok = (d < near).float().mean() >= explained and share[0] <= mask.float().mean() <= share[1]
+    return mask if ok else None
+
+
+def to_markdown(rows: list[dict], k: int, images: dict[str, int]) -> str:
     """One table per source: (level, site) rows by channel set / baseline columns (mean IoU)."""
     cols = ["top", "all", "random", "low"]
     cols = [c if c == "all" else f"{c}-{k}" for c in cols]
@@ -182,7 +213,7 @@ def to_markdown(rows: list[dict], k: int, images: int) -> str:
     for src in dict.fromkeys(r["source"] for r in rows):
         mine = [r for r in rows if r["source"] == src]
         cell = {(r["level"], r["site"], r["set"]): r["iou_mean"] for r in mine}
-        out += [f"**{src}** images (n={images}; IoU at image resolution, mean over images"
+        out += [f"**{src}** images (n={images[src]}; IoU at image resolution, mean over images"
                 " (random: pooled over draws)):", "",
                 "| level | site | " + " | ".join(cols) + " | all-fg | centre | input |",
                 "|---|---|" + "---|" * (len(cols) + 3)]

@@ -4,13 +4,8 @@ The only place in the project that imports plotly. Every viewer takes result obj
 model) and returns a ``plotly.graph_objects.Figure``.
 """
 
-from .probes import (
-    disruption_grid,
-    disruption_metrics,
-    mask_overview,
-    mask_viewer,
-    transport_strip,
-)
+from .masks import mask_overview, mask_viewer
+from .probes import disruption_grid, disruption_metrics, transport_strip
 from .report import build_report, find_runs
 from .stats import channel_heatmap, massive_profile, stat_matrix, step_evolution
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import math
 from collections.abc import Sequence
@@ -70,6 +71,16 @@ def compact_ints(values: object) -> str:
         if v is not None:
             start = prev = v
     return ", ".join(runs)
+
+
+def esc(s: object) -> str:
+    """Text for hover boxes and titles (plotly.js reads them as HTML: "<b>" must stay text)."""
+    return html.escape(str(s))
+
+
+def short(s: str, n: int = 32) -> str:
+    """``s`` cut to ``n`` characters with an ellipsis."""
+    return s if len(s) <= n else s[: n - 1] + "…"
 
 
 def fmt(v: float) -> str:

@@ -18,7 +18,8 @@ from massact_nn.stats import ChannelStats
 from massact_nn.transport import TransportResult
 
 from . import html as H
-from .probes import disruption_grid, disruption_metrics, mask_overview, mask_viewer, transport_strip
+from .masks import mask_overview, mask_viewer
+from .probes import disruption_grid, disruption_metrics, transport_strip
 from .stats import channel_heatmap, massive_profile, step_evolution
 
 META_KEYS = ("model", "architecture", "transformer_class", "versions", "prompts", "prompt",

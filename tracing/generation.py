@@ -78,9 +78,12 @@ def resolve(config: GenerationConfig, model: Any, adapter: Adapter) -> Generatio
     cfg.width = cfg.width or fd.get("width") or default_px
     if cfg.guidance_scale is None and "guidance_scale" in fd:
         cfg.guidance_scale = fd["guidance_scale"]
-    for key in ("max_sequence_length",):
-        if key in fd and key not in cfg.extra:
-            cfg.extra[key] = fd[key]
+    # Any other call default the folder declares (max_sequence_length, use_resolution_binning, ...)
+    # goes to the pipeline when its __call__ takes it.
+    takes = inspect.signature(type(pipe).__call__).parameters if fd else {}
+    for key, value in fd.items():
+        if key not in ("height", "width", "guidance_scale", "num_inference_steps", "steps") and key in takes:
+            cfg.extra.setdefault(key, value)
     for key, value in adapter.call_defaults.items():
         cfg.extra.setdefault(key, value)
     if cfg.height is None or cfg.width is None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from massact_nn._io import save_json
 from massact_nn.stats import ChannelStats
@@ -117,8 +118,10 @@ def evaluate(model: Any, stats: ChannelStats | str | Path, config: EvaluationCon
     src, tgt = transport_pairs(config.pairs, config.seed)
     rows = []
     named: dict = {}
+    controls = ("top", "low", "random", "all")
+    bar = tqdm(total=len(config.transport_masks) * len(controls), desc="transport", unit="run")
     for mask in config.transport_masks:
-        for control in ("top", "low", "random", "all"):
+        for control in controls:
             if control == "all":
                 chans = {s.module: torch.arange(s.channels) for s in st.sites}
             else:
@@ -129,12 +132,14 @@ def evaluate(model: Any, stats: ChannelStats | str | Path, config: EvaluationCon
                                   progress=False)
             r = transport(model, src, tgt, st, cfg)
             named[mask] = r.token_mask  # segment once per mask, reuse for the controls
+            bar.update(1)
             m = r.metrics
             rows.append({"mask": mask, "token_fraction": m["token_fraction"],
                          "channels": control if control == "all" else f"{control}-{config.transport_k}",
                          "mse_to_source": m["to_source"]["all"], "mse_to_target": m["to_target"]["all"],
                          "mse_to_target_outside": m["to_target"]["outside"],
                          "moved": m.get("moved"), "kept": m.get("kept"), "already": m.get("already")})
+    bar.close()
     report["transport"] = {"pairs": list(zip(src, tgt)), "rows": rows}
     return report
 
@@ -186,16 +191,19 @@ def to_markdown(report: dict) -> str:
               "| mask (token fraction) | channels | MSE to source | MSE to target | ... outside p "
               "| fg colour moved | shape moved | bg kept |",
               "|---|---|---|---|---|---|---|---|"]
-    for r in report["transport"]["rows"]:
+    rows = report["transport"]["rows"]
+    masks = list(dict.fromkeys(r["mask"] for r in rows))
+    for mask in masks:
+        al = next((r.get("already") for r in rows if r["mask"] == mask), None)
+        if al:  # the control without transport: the untouched target read against the source
+            lines.append(f"| {mask} | none (target as is) | – | 0 | 0 | {_fmt(al.get('fg_colour'))} | "
+                         f"{_fmt(al.get('shape'))} | 1 |")
+    for r in rows:
         mv, kp = r.get("moved") or {}, r.get("kept") or {}
         lines.append(f"| {r['mask']} ({_fmt(r['token_fraction'])}) | {r['channels']} | "
                      f"{_fmt(r['mse_to_source'])} | {_fmt(r['mse_to_target'])} | "
                      f"{_fmt(r['mse_to_target_outside'])} | {_fmt(mv.get('fg_colour'))} | "
                      f"{_fmt(mv.get('shape'))} | {_fmt(kp.get('bg_colour'))} |")
-    al = report["transport"]["rows"][0].get("already") if report["transport"]["rows"] else None
-    if al:
-        lines.append(f"\nWithout transport the target already shows the source's fg colour in "
-                     f"{_fmt(al.get('fg_colour'))}, its shape in {_fmt(al.get('shape'))} of pairs.")
     return "\n".join(lines) + "\n"
 
 

@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=1234)
     e.add_argument("--judge", default=None, help="folder with judge.safetensors (default: DIR)")
     e.add_argument("--json", default=None, help="write the report here")
+    e.add_argument("--cfg", type=float, default=1.0, help="true-CFG scale (default 1: off)")
     e.set_defaults(func=_eval)
 
     x = toy.add_parser("export", help="copy a trained pipeline (+ judge) into the package assets")
@@ -61,7 +62,10 @@ def _eval(args: argparse.Namespace) -> int:
         folder = resolve_pipeline(args.dir)
     except FileNotFoundError as err:
         raise MassactError(str(err)) from None
-    evaluate(folder, n=args.n, seed=args.seed, judge_folder=args.judge, out_json=args.json)
+    evaluate(
+        folder, n=args.n, seed=args.seed, judge_folder=args.judge, out_json=args.json,
+        cfg_scale=args.cfg,
+    )
     return 0
 
 

@@ -60,20 +60,39 @@ def generate(
     seeds: list[int],
     call: dict[str, Any] | None = None,
     batch_size: int = 64,
+    cfg_scale: float = 1.0,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Generate one image per caption and record per-prompt channel statistics.
+
+    Args:
+        pipe: a toy pipeline.
+        captions: one prompt per image.
+        seeds: one noise seed per image.
+        call: pipeline keyword arguments (default: PIPELINE_DEFAULTS).
+        batch_size: prompts per pipeline call.
+        cfg_scale: when > 1, true classifier-free guidance against the empty prompt
+            (``true_cfg_scale``, two transformer calls per step, conditional first);
+            statistics then come from the conditional calls only.
 
     Returns:
         ``(images, abs_means)``: images float32 [B, 3, H, W] in [-1, 1]; per block name the
         per-prompt abs_mean averaged over steps, float64 [B, D].
     """
     call = dict(call or build.PIPELINE_DEFAULTS)
+    calls_per_step = 1
+    if cfg_scale > 1.0:
+        call.update(true_cfg_scale=cfg_scale)
+        calls_per_step = 2
     sums: dict[str, list[torch.Tensor]] = {}
     steps: dict[str, int] = {}
     current: dict[str, torch.Tensor] = {}
+    calls: dict[str, int] = {}
 
     def hook(name: str):
         def fn(_module: torch.nn.Module, _inp: Any, output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if (calls[name] - 1) % calls_per_step:  # unconditional half of a CFG step
+                return
             img = output[1]  # image stream [B, N, D]
             m = img.detach().double().mean(dim=1).abs()
             current[name] = current[name] + m if name in current else m
@@ -87,9 +106,11 @@ def generate(
         for i in range(0, len(captions), batch_size):
             current.clear()
             steps.clear()
+            calls.clear()
             caps, sds = captions[i : i + batch_size], seeds[i : i + batch_size]
             gens = [torch.Generator().manual_seed(s) for s in sds]
-            out = pipe(prompt=caps, generator=gens, output_type="np", **call).images
+            neg = {"negative_prompt": [""] * len(caps)} if calls_per_step == 2 else {}
+            out = pipe(prompt=caps, generator=gens, output_type="np", **call, **neg).images
             images.append(torch.from_numpy(out).permute(0, 3, 1, 2).numpy() * 2.0 - 1.0)
             for name, acc in current.items():
                 sums.setdefault(name, []).append(acc / steps[name])
@@ -137,6 +158,7 @@ def evaluate(
     judge_folder: str | Path | None = None,
     out_json: str | Path | None = None,
     verbose: bool = True,
+    cfg_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Generate ``n`` fresh prompts with the pipeline in ``folder`` and summarise.
 
@@ -148,6 +170,7 @@ def evaluate(
             a judge is trained on the spot (a few minutes) and saved there.
         out_json: optional path of a JSON report.
         verbose: print a table.
+        cfg_scale: true-CFG scale (1: off, the shipped default); see :func:`generate`.
 
     Returns:
         ``{"judge": accuracies, "blocks": per-block summary, "max_top1_over_median": float, ...}``.
@@ -166,7 +189,7 @@ def evaluate(
     pipe.set_progress_bar_config(disable=True)
     call = build.read_defaults(folder)
     captions, seeds = eval_prompts(n, seed)
-    images, abs_means = generate(pipe, captions, seeds, call)
+    images, abs_means = generate(pipe, captions, seeds, call, cfg_scale=cfg_scale)
     acc = score(images, captions, net)
     blocks = activation_summary(abs_means)
     report = {
@@ -174,6 +197,7 @@ def evaluate(
         "n": n,
         "seed": seed,
         "call": call,
+        "cfg_scale": cfg_scale,
         "judge": acc,
         "blocks": blocks,
         "max_top1_over_median": max(b["top1_over_median"] for b in blocks.values()),

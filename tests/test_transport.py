@@ -130,6 +130,11 @@ def test_modes_agree_on_a_partial_transport(tiny_flux, stats_dir, tmp_path):
     b = transport(tiny_flux, SRC, TGT, stats_dir, TransportConfig(mode="two_pass", **kw))
     torch.testing.assert_close(a.result, b.result, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a.target, b.target, rtol=1e-4, atol=1e-5)
+    # One pair per pipeline call: the same seeds per pair, so the same images.
+    one = dict(kw, generation=GenerationConfig(**{**GEN.to_json(), "batch_size": 1}))
+    c = transport(tiny_flux, SRC, TGT, stats_dir, TransportConfig(mode="two_pass", **one))
+    torch.testing.assert_close(c.result, b.result, rtol=1e-4, atol=1e-5)
+    assert c.meta["stored_bytes"] == b.meta["stored_bytes"]
     assert (a.result - a.target).abs().max() > 0
     # Only tokens in p x top-3 channels are stored: 32 of 64 tokens, 3 of 32 channels.
     assert b.meta["stored_bytes"] * 64 * 32 == b.meta["full_bytes"] * 32 * 3

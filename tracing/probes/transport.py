@@ -15,7 +15,7 @@ call; pass 2 generates targets and results and injects them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,8 @@ class TransportConfig:
     """What to transport, where, and how.
 
     Attributes:
-        generation: Trajectory settings (steps, seed, size, guidance, batch size = pairs per call).
+        generation: Trajectory settings (steps, seed, size, guidance); ``batch_size`` is the number
+            of pairs per pipeline call (a batched call holds three rows per pair).
         k: Channels per site (top-k of the statistics' ``abs_mean``) when ``channels`` is not given.
         channels: Per site module path, the channel ids to transport (overrides ``k``/stats).
         token_mask: ``"all"``; ``"target"``, ``"source"`` or ``"union"`` (foreground masks from
@@ -127,20 +128,31 @@ def transport(
                                    source if image_source else None, stats, config.k)
     p = resolve_token_mask(config.token_mask, plan.grid, len(targets), named)  # [pairs, rows, cols]
     judge = find_judge(model, config.judge)
-    bar = tqdm(total=2 if config.mode == "two_pass" else 1, desc="transport", unit="pass",
+    bs = max(1, plan.gen.batch_size)
+    chunks = range(0, len(targets), bs)
+    bar = tqdm(total=len(chunks) * (2 if config.mode == "two_pass" else 1), desc="transport", unit="pass",
                disable=not config.progress)
-    if config.mode == "batched":
-        src, tgt, res, nbytes = _batched(model, plan, sources, targets, channels, p, config)
-        bar.update(1)
-    else:
-        if image_source:
-            src, stored, nbytes = _capture_image(model, plan, source, len(targets), channels, p, config)
+    out: list[tuple] = []
+    nbytes = {"stored_bytes": 0, "full_bytes": 0}
+    for first in chunks:
+        # Pair j keeps seed + j whatever the chunking: the chunk's plan starts at seed + first.
+        sub = replace(plan, gen=replace(plan.gen, seed=plan.gen.seed + first))
+        tg, pp, sc = targets[first:first + bs], p[first:first + bs], sources[first:first + bs]
+        if config.mode == "batched":
+            *imgs, nb = _batched(model, sub, sc, tg, channels, pp, config)
+            bar.update(1)
         else:
-            src, stored, nbytes = _capture(model, plan, sources, channels, p, config)
-        bar.update(1)
-        tgt, res = _inject(model, plan, targets, stored, channels, p, config)
-        bar.update(1)
+            if image_source:
+                s_img, stored, nb = _capture_image(model, sub, source, len(tg), channels, pp, config)
+            else:
+                s_img, stored, nb = _capture(model, sub, sc, channels, pp, config)
+            bar.update(1)
+            imgs = [s_img, *_inject(model, sub, tg, stored, channels, pp, config)]
+            bar.update(1)
+        out.append(tuple(imgs))
+        nbytes = {k: nbytes[k] + nb[k] for k in nbytes}
     bar.close()
+    src, tgt, res = (torch.cat([o[i] for o in out]) for i in range(3))
     metrics = transport_metrics(src, tgt, res, p, judge)
     meta = probe_meta(
         model, plan, source_prompts=sources, target_prompts=targets, mode=config.mode,

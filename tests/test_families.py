@@ -110,7 +110,9 @@ def _extra(family: str, guidance: dict) -> dict:
 
 
 def _stats(model, family: str, guidance: dict, include_uncond: bool = False):
-    gen = GenerationConfig(steps=STEPS, seed=SEED, height=SIZE, width=SIZE, extra=_extra(family, guidance))
+    extra = _extra(family, guidance)
+    scale = extra.pop("guidance_scale", None)  # the library's own knob (the folder may declare one)
+    gen = GenerationConfig(steps=STEPS, seed=SEED, height=SIZE, width=SIZE, guidance_scale=scale, extra=extra)
     return collect_stats(model, PROMPTS, StatsConfig(gen, include_uncond=include_uncond, progress=False))
 
 
@@ -248,3 +250,24 @@ def test_zimage_guidance_is_refused_with_the_accepted_setting(family_model):
     _, model = family_model("zimage")
     with pytest.raises(MassactError, match=r"guidance_scale=3\.0: .*accepted: guidance_scale=0"):
         _stats(model, "zimage", {"guidance_scale": 3.0})
+
+
+# FLUX.1's tiny folder declares no call defaults; its CLI run is tested in test_stats_flux.py.
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "flux"])
+def test_cli_stats_matches_hooks(family, family_model, tmp_path):
+    """``massact stats`` on the folder alone (its massact.json) matches the hooks."""
+    from massact_nn.tracing.cli.main import main as cli
+
+    from massact_nn.stats import ChannelStats
+
+    folder, _ = family_model(family)
+    argv = ["stats", "--model", str(folder), "--steps", str(STEPS), "--seed", str(SEED),
+            "--height", str(SIZE), "--width", str(SIZE), "--out", str(tmp_path / "run")]
+    for p in PROMPTS:
+        argv += ["--prompt", p]
+    if "guidance_scale" in GUIDANCE_OFF[family]:
+        argv += ["--guidance-scale", str(GUIDANCE_OFF[family]["guidance_scale"])]
+    assert cli(argv) == 0
+    ref, calls, _ = hook_stats(folder, family, GUIDANCE_OFF[family])
+    assert calls == STEPS
+    _assert_same(ChannelStats.load(tmp_path / "run"), ref)

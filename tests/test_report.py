@@ -122,3 +122,21 @@ def test_browser_check_catches_errors_and_undrawn_figures(report, tmp_path):
     assert any("undefinedVariable" in e for e in seen.errors)
     assert any("boom" in e or "null" in e for e in seen.errors)
     assert seen.drawn == seen.figures - 1
+
+
+def test_metrics_tables_pivot_same_keyed_metrics_and_judge_records():
+    from massact_nn.viz.html import metrics_tables
+
+    m = {"token_fraction": 0.25,
+         "to_source": {"inside": 0.1, "outside": 0.5, "per_pair": {"inside": [0.1]}},
+         "to_target": {"inside": 0.4, "outside": 0.0},
+         "moved": {"fg_colour": 1.0}, "kept": {"bg_colour": 1.0},
+         "already": {"fg_colour": 0.0, "bg_colour": 0.0},
+         "judge": {"source": [{"fg_colour": "yellow"}], "result": [{"fg_colour": "red"}]}}
+    html = metrics_tables(m)
+    heads = re.findall(r"<thead>(.*?)</thead>", html)
+    assert heads[0] == "<tr><th></th><th>to_source</th><th>to_target</th></tr>"
+    assert sorted(re.findall(r"<th>(\w*)</th>", heads[1])) == ["", "already", "kept", "moved"]
+    assert heads[2] == "<tr><th>judge</th><th>fg_colour</th></tr>"
+    assert "<td>source</td><td>yellow</td>" in html and "<td>result</td><td>red</td>" in html
+    assert "to_source.per_pair.inside" in html and "token_fraction" in html

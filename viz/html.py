@@ -124,29 +124,69 @@ def _cell(v: object) -> str:
 
 
 def metrics_tables(metrics: dict) -> str:
-    """Metrics as readable tables: scalars in one, same-keyed dicts pivoted into another.
+    """Metrics as readable tables instead of one long list of dotted keys.
 
-    Every group of dicts with the same keys (e.g. ``iou`` and ``foreground_fraction`` per
-    channel set) becomes one table whose rows are those keys and whose columns are the metrics.
+    - dicts of scalars that share keys (``iou`` and ``foreground_fraction`` per channel set;
+      ``to_source`` and ``to_target`` inside/outside) are pivoted into one table: rows are the
+      keys, columns the metrics (blank where a metric lacks a key);
+    - a dict of lists of flat records (the judge's readings of source, target and result) is a
+      table with one row per record;
+    - everything else (scalars, per-image lists) goes into a final metric/value table.
     """
-    scalars = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
-    groups: dict[tuple, list[str]] = {}
+    scalars: dict = {}
+    groups: list[tuple[list[str], list[str]]] = []  # (row keys, metric names)
     flat_parts: dict[str, dict] = {}
+    records: list[str] = []
     for k, v in metrics.items():
         if not isinstance(v, dict):
+            scalars[k] = v
+            continue
+        if v and all(_is_records(x) for x in v.values()):
+            records.append(_records_table(k, v))
             continue
         flat_parts[k] = {kk: vv for kk, vv in v.items() if not isinstance(vv, (dict, list))}
         if flat_parts[k]:
-            groups.setdefault(tuple(flat_parts[k]), []).append(k)
+            keys = list(flat_parts[k])
+            for rows, names in groups:
+                if set(rows) & set(keys):
+                    rows += [x for x in keys if x not in rows]
+                    names.append(k)
+                    break
+            else:
+                groups.append((keys, [k]))
         rest = {kk: vv for kk, vv in v.items() if kk not in flat_parts[k]}
         scalars.update({f"{k}.{kk}": vv for kk, vv in _flatten(rest).items()})
+    merged: list[tuple[list[str], list[str]]] = []
+    for rows, names in groups:  # a later metric may bridge two groups (kept: bg, already: all)
+        for m_rows, m_names in merged:
+            if set(rows) & set(m_rows):
+                m_rows += [x for x in rows if x not in m_rows]
+                m_names += names
+                break
+        else:
+            merged.append((rows, names))
     out = []
-    for keys, names in groups.items():
-        rows = [{"": key, **{n: flat_parts[n][key] for n in names}} for key in keys]
-        out.append(table(rows, ["", *names]))
+    for rows, names in merged:
+        out.append(table([{"": r, **{n: flat_parts[n].get(r) for n in names}} for r in rows],
+                         ["", *names]))
+    out += records
     if scalars:
         out.append(table([{"metric": k, "value": v} for k, v in scalars.items()], ["metric", "value"]))
     return "".join(out)
+
+
+def _is_records(x: object) -> bool:
+    return isinstance(x, list) and bool(x) and all(
+        isinstance(r, dict) and not any(isinstance(v, (dict, list)) for v in r.values()) for r in x)
+
+
+def _records_table(name: str, groups: dict) -> str:
+    rows = []
+    for key, recs in groups.items():
+        for i, r in enumerate(recs):
+            rows.append({name: key if len(recs) == 1 else f"{key} [{i}]", **r})
+    cols = [name] + list(dict.fromkeys(c for r in rows for c in r if c != name))
+    return table(rows, cols)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

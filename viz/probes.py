@@ -18,7 +18,7 @@ from massact_nn.disruption import DisruptionResult
 from massact_nn.errors import MassactError
 from massact_nn.transport import TransportResult
 
-from ._common import FONT, compact_ints, fmt, run_label
+from ._common import FONT, compact_ints, fmt, log_axis, run_label
 from ._common import esc as _esc
 from ._common import short as _short
 from ._images import image_axes, image_trace, mask_traces
@@ -117,26 +117,21 @@ def disruption_metrics(result: DisruptionResult, title: str | None = None) -> go
             customdata=[[r.get("draws", 1)] for r in summary], visible=j == 0,
             hovertemplate=f"%{{x}}<br>{name} = %{{y:.4g}}<br>draws %{{customdata[0]}}<extra></extra>",
         ))
+    # MSE of the controls is orders of magnitude below the top-k's: linear bars would hide them.
+    axes = {n: log_axis(np.asarray([_get(r, n) or np.nan for r in summary]), n) if n == "mse"
+            else dict(title=n, type="linear") for n in names}
     buttons = [dict(label=n, method="update",
-                    args=[{"visible": [i == j for i in range(len(names))]},
-                          {"yaxis.title.text": n, "yaxis.type": _scale(n),
-                           "yaxis.dtick": 1 if _scale(n) == "log" else None}])
+                    args=[{"visible": [i == j for i in range(len(names))]}, {"yaxis": axes[n]}])
                for j, n in enumerate(names)]
     fig.update_layout(
         title=dict(text=title or "Disruption vs the undisturbed images (random: mean ± sd over draws)"),
-        yaxis=dict(title=names[0], type=_scale(names[0]), exponentformat="power",
-                   dtick=1 if _scale(names[0]) == "log" else None),
+        yaxis=axes[names[0]],
         xaxis=dict(title="channel set"),
         updatemenus=[dict(buttons=buttons, x=1.0, xanchor="right", y=1.12, yanchor="bottom")],
         height=400, font=FONT, template="plotly_white", showlegend=False,
         margin=dict(l=10, r=10, t=80, b=50),
     )
     return fig
-
-
-def _scale(metric: str) -> str:
-    # MSE of the controls is orders of magnitude below the top-k's: linear bars would hide them.
-    return "log" if metric == "mse" else "linear"
 
 
 def _get(row: dict, name: str) -> float | None:

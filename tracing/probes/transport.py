@@ -237,7 +237,8 @@ def _batched(model, plan, sources, targets, channels, p, config):
     n = len(targets)
     device = model.pipeline.transformer.device
     masks = _masks(plan, channels, p, device)
-    src_rows, res_rows = rows_of(0, n, 3, plan.batched_cfg), rows_of(2, n, 3, plan.batched_cfg)
+    src_rows = rows_of(0, n, 3, plan.batched_cfg).to(device)
+    res_rows = rows_of(2, n, 3, plan.batched_cfg).to(device)
     reps = 2 if plan.batched_cfg else 1
     blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
     norm_out = model.transformer.norm_out
@@ -280,15 +281,15 @@ def _capture(model, plan, sources, channels, p, config):
             h = read_image(plan.layouts[s.module], blocks[s.module].output, plan.n_img, s.module)
             ch = channels[s.module].to(device)
             for j in range(n):
-                rows = rows_of(0, n, 1, plan.batched_cfg, j)
+                rows = rows_of(0, n, 1, plan.batched_cfg, j).to(device)
                 stored[(call.index, s.module, j)] = gather(h[rows], p_idx[j], ch).clone()
             _count(count, stored, call.index, s.module, n, h)
         if config.copy_norm_out:
             x = norm_out.output
             allc = torch.arange(x.shape[-1], device=device)
             for j in range(n):
-                stored[(call.index, "norm_out", j)] = gather(x[rows_of(0, n, 1, plan.batched_cfg, j)],
-                                                             p_idx[j], allc).clone()
+                rows = rows_of(0, n, 1, plan.batched_cfg, j).to(device)
+                stored[(call.index, "norm_out", j)] = gather(x[rows], p_idx[j], allc).clone()
             _count(count, stored, call.index, "norm_out", n, x)
 
     images = _generate(model, plan, list(sources), _pair_gens(plan, n, 1, device), body)
@@ -310,7 +311,7 @@ def _inject(model, plan, targets, stored, channels, p, config):
     def put(h, module, ch, call):
         new = h.clone()
         for j in range(n):
-            rows = rows_of(1, n, 2, plan.batched_cfg, j)
+            rows = rows_of(1, n, 2, plan.batched_cfg, j).to(device)
             new[rows] = scatter_blend(h[rows], stored[(call.index, module, j)].to(device), p_idx[j], ch,
                                       config.alpha)
         return new

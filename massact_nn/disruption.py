@@ -77,7 +77,8 @@ class DisruptionResult:
         images: Per set name (``none`` = undisturbed baseline, ``top_k4``, ``low_k4``,
             ``random0_k4``, ...), the generated images. Shapes: [prompts, 3, H, W] in [0, 1].
         channels: Per set name, per site module path, the disrupted channel ids. Shapes: [k].
-        metrics: Per set name, metric name -> value (means over prompts) and ``per_image`` lists.
+        metrics: ``{"sets": {name: {control, k, draw, mse, psnr, per_image, judge?, user?}},
+            "summary": [one row per (control, k), random draws averaged]}``.
         meta: Model, versions, prompts, seeds, steps, sites, mode, alpha, stats folder.
     """
 

@@ -47,6 +47,7 @@ def _first_n_joint(out, n):
 IMAGE_OF = {
     "flux": {"transformer_blocks": _second, "single_transformer_blocks": _second},
     "flux2": {"transformer_blocks": _second, "single_transformer_blocks": _last_n},
+    "flux2dev": {"transformer_blocks": _second, "single_transformer_blocks": _last_n},
     "qwenimage": {"transformer_blocks": _second},
     "sana": {"transformer_blocks": _tensor},
     "pixart": {"transformer_blocks": _tensor},
@@ -67,6 +68,7 @@ FAMILIES = sorted(IMAGE_OF)
 _NEG = {"negative_prompt": [""] * len(PROMPTS)}
 GUIDANCE_OFF = {f: {"guidance_scale": 1.0} for f in FAMILIES} | {
     "flux": {}, "qwenimage": {}, "zimage": {}, "krea2": {"guidance_scale": 0.0},
+    "flux2dev": {},  # guidance-distilled: the default 4.0 is an embedding, one call per step
 }
 GUIDANCE_ON = {
     "flux": ({"true_cfg_scale": 2.0, **_NEG}, "two_calls"),

@@ -1,7 +1,7 @@
 """FLUX.2 (dev, klein): ``Flux2Transformer2DModel``.
 
 Verified by reading diffusers 0.42.1 (``transformer_flux2.py``, ``pipeline_flux2.py``,
-``pipeline_flux2_klein.py``) and by running tiny random pipelines (tests/test_families.py):
+``pipeline_flux2_klein.py``) and by running tiny random klein and dev pipelines (tests/test_families.py):
 
 - ``Flux2TransformerBlock.forward`` returns ``(encoder_hidden_states, hidden_states)``.
 - The model concatenates ``[text; image]`` once before the single blocks, and

@@ -99,6 +99,24 @@ def tiny_qwen3_vl(vocab_size: int, hidden: int = 16, layers: int = 2):
     return Qwen3VLModel(cfg)
 
 
+def tiny_mistral3(vocab_size: int, hidden: int = 16, layers: int = 30):
+    """A narrow ``Mistral3ForConditionalGeneration`` (FLUX.2-dev's text encoder class).
+
+    Deep enough for the pipeline's default hidden-state layers (10, 20, 30); the Pixtral tower is
+    built but unused.
+    """
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    text = dict(model_type="mistral", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                max_position_embeddings=1024)
+    vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, head_dim=8, patch_size=14, image_size=56)
+    cfg = Mistral3Config(text_config=text, vision_config=vision, image_token_index=vocab_size - 1,
+                         spatial_merge_size=2)
+    return Mistral3ForConditionalGeneration(cfg)
+
+
 def tiny_gemma2(vocab_size: int, hidden: int = 16):
     """A one-layer ``Gemma2Model`` (SANA's text encoder class)."""
     from transformers import Gemma2Config, Gemma2Model

@@ -18,7 +18,7 @@ from .parts import tiny_clip as _tiny_clip
 from .parts import tiny_t5 as _tiny_t5
 from .parts import tiny_vae as _tiny_vae
 from .tiny_dit import build_auraflow, build_pixart, build_sana, build_sd3
-from .tiny_flow import build_chroma, build_cogview4, build_flux2, build_qwenimage
+from .tiny_flow import build_chroma, build_cogview4, build_flux2, build_flux2dev, build_qwenimage
 from .tiny_more import build_bria, build_cogview3plus, build_hunyuandit, build_krea2, build_ovis, build_zimage
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
@@ -27,6 +27,8 @@ from .tokenizers import clip_tokenizer, t5_tokenizer
 CALL_DEFAULTS: dict[str, dict] = {
     "flux": {"max_sequence_length": 16, "guidance_scale": 0.0},
     "flux2": {"max_sequence_length": 64},
+    # Byte-level tokens: FLUX.2-dev's system message alone is ~170 tokens.
+    "flux2dev": {"max_sequence_length": 256},
     # Byte-level tokens: the system template left after Qwen-Image drops its first 34 tokens is
     # ~120 tokens long, and the prompt only comes after it.
     "qwenimage": {"max_sequence_length": 256},
@@ -126,7 +128,8 @@ def _declaring_defaults(family: str, build: Callable[..., Path]) -> Callable[...
 BUILDERS: dict[str, Callable[..., Path]] = {"flux": build_flux} | {
     family: _declaring_defaults(family, build)
     for family, build in {
-        "flux2": build_flux2, "qwenimage": build_qwenimage, "sana": build_sana, "pixart": build_pixart,
+        "flux2": build_flux2, "flux2dev": build_flux2dev, "qwenimage": build_qwenimage, "sana": build_sana,
+        "pixart": build_pixart,
         "sd3": build_sd3, "chroma": build_chroma, "cogview4": build_cogview4, "auraflow": build_auraflow,
         "zimage": build_zimage, "bria": build_bria, "cogview3plus": build_cogview3plus,
         "hunyuandit": build_hunyuandit, "ovis": build_ovis, "krea2": build_krea2,

@@ -1,4 +1,4 @@
-"""Tiny random pipelines of FLUX.2-klein, Qwen-Image, Chroma and CogView4.
+"""Tiny random pipelines of FLUX.2 (klein, dev), Qwen-Image, Chroma and CogView4.
 
 See :mod:`.tiny` for the registry.
 
@@ -18,6 +18,7 @@ from .parts import (
     plant_bias,
     plant_swiglu,
     tiny_glm,
+    tiny_mistral3,
     tiny_qwen3,
     tiny_qwen25_vl,
     tiny_t5,
@@ -25,7 +26,7 @@ from .parts import (
     tiny_vae_flux2,
     tiny_vae_qwen,
 )
-from .tokenizers import byte_tokenizer, t5_tokenizer
+from .tokenizers import CONTENT_LIST_TEMPLATE, byte_tokenizer, t5_tokenizer
 
 HEADS, HEAD_DIM = 2, 16
 WIDTH = HEADS * HEAD_DIM
@@ -44,25 +45,50 @@ def build_flux2(folder: str | Path, *, seed: int = 0, plant: tuple[int, float] |
     ``text_encoder_out_layers=(9, 18, 27)`` works; the tokenizer is byte-level with a chat template.
     FLUX.2 has no biases, so the plant uses :func:`plant_swiglu` on the first double block.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
     torch.manual_seed(seed)
     tok = byte_tokenizer()
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae_flux2(), text_encoder=tiny_qwen3(len(tok)),
+        tokenizer=tok, transformer=_flux2_transformer(plant, guidance_embeds=False), is_distilled=False,
+    )
+    return _save(pipe, folder)
+
+
+def build_flux2dev(folder: str | Path, *, seed: int = 0, plant: tuple[int, float] | None = None) -> Path:
+    """A tiny ``Flux2Pipeline`` (FLUX.2-dev: guidance embedding, one call per step).
+
+    The text encoder is a 30-layer, 16-wide Mistral3 (the pipeline reads layers 10, 20, 30); the
+    "processor" is the byte-level tokenizer with a chat template that reads Mistral-style content
+    lists, which is all the pipeline asks of it for text-to-image.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    torch.manual_seed(seed)
+    tok = byte_tokenizer(chat_template=CONTENT_LIST_TEMPLATE)
+    pipe = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae_flux2(),
+        text_encoder=tiny_mistral3(len(tok)), tokenizer=tok,
+        transformer=_flux2_transformer(plant, guidance_embeds=True),
+    )
+    return _save(pipe, folder)
+
+
+def _flux2_transformer(plant: tuple[int, float] | None, guidance_embeds: bool):
+    from diffusers import Flux2Transformer2DModel
+
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=HEAD_DIM,
         num_attention_heads=HEADS, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
     )
     if plant is not None:
         ff = transformer.transformer_blocks[0].ff
         hidden = ff.linear_out.weight.shape[1]
         w = ff.linear_in.weight.data
         plant_swiglu(w[:hidden], w[hidden:], ff.linear_out, *plant)
-    pipe = Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae_flux2(), text_encoder=tiny_qwen3(len(tok)),
-        tokenizer=tok, transformer=transformer, is_distilled=False,
-    )
-    return _save(pipe, folder)
+    return transformer
 
 
 def build_qwenimage(folder: str | Path, *, seed: int = 0, plant: tuple[int, float] | None = None) -> Path:

@@ -48,7 +48,15 @@ CHATML_TEMPLATE = (
 )
 
 
-def byte_tokenizer(max_length: int = 512):
+#: ChatML over Mistral-style messages whose ``content`` is a list of ``{"type": "text", ...}`` parts.
+CONTENT_LIST_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer(max_length: int = 512, chat_template: str = CHATML_TEMPLATE):
     """A byte-level ``Qwen2Tokenizer`` with no merges (one token per UTF-8 byte) and ChatML.
 
     Enough for the Qwen/Gemma-conditioned pipelines, which only need ``apply_chat_template``,
@@ -66,7 +74,7 @@ def byte_tokenizer(max_length: int = 512):
         vocab=vocab, merges=[], extra_special_tokens=["<|im_start|>", "<|im_end|>"],
         model_max_length=max_length,
     )
-    tok.chat_template = CHATML_TEMPLATE
+    tok.chat_template = chat_template
     return tok
 
 

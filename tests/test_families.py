@@ -50,6 +50,7 @@ IMAGE_OF = {
     "flux2dev": {"transformer_blocks": _second, "single_transformer_blocks": _last_n},
     "qwenimage": {"transformer_blocks": _second},
     "sana": {"transformer_blocks": _tensor},
+    "sanasprint": {"transformer_blocks": _tensor},
     "pixart": {"transformer_blocks": _tensor},
     "sd3": {"transformer_blocks": _second},
     "chroma": {"transformer_blocks": _second, "single_transformer_blocks": _last_n},
@@ -69,6 +70,7 @@ _NEG = {"negative_prompt": [""] * len(PROMPTS)}
 GUIDANCE_OFF = {f: {"guidance_scale": 1.0} for f in FAMILIES} | {
     "flux": {}, "qwenimage": {}, "zimage": {}, "krea2": {"guidance_scale": 0.0},
     "flux2dev": {},  # guidance-distilled: the default 4.0 is an embedding, one call per step
+    "sanasprint": {},  # likewise
 }
 GUIDANCE_ON = {
     "flux": ({"true_cfg_scale": 2.0, **_NEG}, "two_calls"),

@@ -1,4 +1,4 @@
-"""Tiny random pipelines of the batched-CFG families: SANA, PixArt-Σ, SD3, AuraFlow.
+"""Tiny random pipelines of SANA (and SANA-Sprint), PixArt-Σ, SD3 and AuraFlow.
 
 See :mod:`.tiny` for the registry.
 
@@ -37,6 +37,31 @@ def build_sana(folder, *, seed: int = 0, plant: tuple[int, float] | None = None)
     pipe = SanaPipeline(
         tokenizer=tok, text_encoder=tiny_gemma2(len(tok)), vae=tiny_vae_dc(), transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
+    )
+    return _save(pipe, folder)
+
+
+def build_sanasprint(folder, *, seed: int = 0, plant: tuple[int, float] | None = None):
+    """A tiny ``SanaSprintPipeline`` (guidance-embedding SANA transformer with QK norms, SCM scheduler).
+
+    Call it with 2 steps (the pipeline's own default), ``complex_human_instruction=None`` and
+    ``use_resolution_binning=False``.
+    """
+    from diffusers import SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
+
+    torch.manual_seed(seed)
+    tok = byte_tokenizer()
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, num_layers=2,
+        num_cross_attention_heads=HEADS, cross_attention_head_dim=HEAD_DIM, cross_attention_dim=WIDTH,
+        caption_channels=16, mlp_ratio=2.0, sample_size=16, patch_size=1, guidance_embeds=True,
+        qk_norm="rms_norm_across_heads",
+    )
+    if plant is not None:
+        plant_bias(transformer.transformer_blocks[0].attn2.to_out[0], *plant)
+    pipe = SanaSprintPipeline(
+        tokenizer=tok, text_encoder=tiny_gemma2(len(tok)), vae=tiny_vae_dc(), transformer=transformer,
+        scheduler=SCMScheduler(),
     )
     return _save(pipe, folder)
 

@@ -2,7 +2,7 @@
 
 Verified by reading diffusers 0.42.1 (``pixart_transformer_2d.py``, ``attention.py``'s
 ``BasicTransformerBlock``, ``pipeline_pixart_alpha.py``, ``pipeline_pixart_sigma.py``) and by
-running a tiny random PixArt-Σ pipeline (tests/test_families.py):
+running tiny random PixArt-Σ and PixArt-α pipelines (tests/test_families.py):
 
 - ``BasicTransformerBlock.forward`` returns one tensor (text enters by cross-attention).
 - The transformer patchifies the latent by ``patch_size`` (2); ``vae_scale_factor`` 8.

@@ -17,7 +17,7 @@ import torch
 from .parts import tiny_clip as _tiny_clip
 from .parts import tiny_t5 as _tiny_t5
 from .parts import tiny_vae as _tiny_vae
-from .tiny_dit import build_auraflow, build_pixart, build_sana, build_sanasprint, build_sd3
+from .tiny_dit import build_auraflow, build_pixart, build_pixartalpha, build_sana, build_sanasprint, build_sd3
 from .tiny_flow import build_chroma, build_cogview4, build_flux2, build_flux2dev, build_qwenimage
 from .tiny_more import build_bria, build_cogview3plus, build_hunyuandit, build_krea2, build_ovis, build_zimage
 from .tokenizers import clip_tokenizer, t5_tokenizer
@@ -37,6 +37,7 @@ CALL_DEFAULTS: dict[str, dict] = {
         "max_sequence_length": 32, "complex_human_instruction": None, "use_resolution_binning": False,
     },
     "pixart": {"max_sequence_length": 16, "use_resolution_binning": False, "clean_caption": False},
+    "pixartalpha": {"max_sequence_length": 16, "use_resolution_binning": False, "clean_caption": False},
     "sd3": {"max_sequence_length": 16},
     "chroma": {"max_sequence_length": 16},
     "cogview4": {"max_sequence_length": 32},
@@ -132,7 +133,7 @@ BUILDERS: dict[str, Callable[..., Path]] = {"flux": build_flux} | {
     family: _declaring_defaults(family, build)
     for family, build in {
         "flux2": build_flux2, "flux2dev": build_flux2dev, "qwenimage": build_qwenimage, "sana": build_sana,
-        "pixart": build_pixart, "sanasprint": build_sanasprint,
+        "pixart": build_pixart, "pixartalpha": build_pixartalpha, "sanasprint": build_sanasprint,
         "sd3": build_sd3, "chroma": build_chroma, "cogview4": build_cogview4, "auraflow": build_auraflow,
         "zimage": build_zimage, "bria": build_bria, "cogview3plus": build_cogview3plus,
         "hunyuandit": build_hunyuandit, "ovis": build_ovis, "krea2": build_krea2,

@@ -1,4 +1,4 @@
-"""Tiny random pipelines of SANA (and SANA-Sprint), PixArt-Σ, SD3 and AuraFlow.
+"""Tiny random pipelines of SANA (and SANA-Sprint), PixArt-Σ/α, SD3 and AuraFlow.
 
 See :mod:`.tiny` for the registry.
 
@@ -68,7 +68,20 @@ def build_sanasprint(folder, *, seed: int = 0, plant: tuple[int, float] | None =
 
 def build_pixart(folder, *, seed: int = 0, plant: tuple[int, float] | None = None):
     """A tiny ``PixArtSigmaPipeline`` (T5 only). Call it with ``use_resolution_binning=False``."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from diffusers import PixArtSigmaPipeline
+
+    return _build_pixart(PixArtSigmaPipeline, folder, seed, plant)
+
+
+def build_pixartalpha(folder, *, seed: int = 0, plant: tuple[int, float] | None = None):
+    """A tiny ``PixArtAlphaPipeline`` (T5 only). Call it with ``use_resolution_binning=False``."""
+    from diffusers import PixArtAlphaPipeline
+
+    return _build_pixart(PixArtAlphaPipeline, folder, seed, plant)
+
+
+def _build_pixart(pipeline_cls, folder, seed: int, plant: tuple[int, float] | None):
+    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
     torch.manual_seed(seed)
     t5 = t5_tokenizer()
@@ -78,7 +91,7 @@ def build_pixart(folder, *, seed: int = 0, plant: tuple[int, float] | None = Non
     )
     if plant is not None:
         plant_bias(transformer.transformer_blocks[0].attn2.to_out[0], *plant)
-    pipe = PixArtSigmaPipeline(
+    pipe = pipeline_cls(
         tokenizer=t5, text_encoder=tiny_t5(len(t5)), vae=tiny_vae(), transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
     )

@@ -144,3 +144,21 @@ def test_heatmap_can_show_only_the_top_channels(stats):
         channel_heatmap(stats, channels=[99])
     with pytest.raises(MassactError, match="unknown channels 'bottom'"):
         channel_heatmap(stats, channels="bottom")
+
+
+def test_token_extremes_shows_top_entries_against_the_median():
+    from massact_nn.viz import token_extremes
+
+    from massact_nn.llm_stats import TokenPositions
+
+    layers = [{"layer": i, "module": f"encoder.layer.{i}", "median_abs": 0.5,
+               "top_abs": [10.0 * (i + 1), 3.0, 2.0], "ratio_top1_median": 20.0 * (i + 1),
+               "top": [{"prompt": 0, "token": 0, "token_text": "[CLS]", "last": False,
+                        "channel": 99, "value": -10.0 * (i + 1), "ratio_median": 20.0}]}
+              for i in range(3)]
+    fig = token_extremes(TokenPositions(layers=layers, tokens=[["[CLS]", "a"]]))
+    assert [t.name for t in fig.data] == ["top-1 |h|", "top-2 |h|", "top-3 |h|", "median |h|"]
+    assert list(fig.data[0].customdata) == [10.0, 20.0, 30.0]
+    assert list(fig.data[3].customdata) == [0.5, 0.5, 0.5]
+    assert "[CLS]@0" in fig.data[0].text[1] and "channel 99" in fig.data[0].text[1]
+    assert "encoder.layer.1 · L1" in fig.data[0].text[1]

@@ -4,6 +4,7 @@ The only place in the project that imports plotly. Every viewer takes result obj
 model) and returns a ``plotly.graph_objects.Figure``.
 """
 
+from .llm import token_extremes
 from .masks import mask_overview, mask_viewer
 from .probes import disruption_grid, disruption_metrics, transport_strip
 from .report import build_report, find_runs
@@ -20,5 +21,6 @@ __all__ = [
     "massive_profile",
     "stat_matrix",
     "step_evolution",
+    "token_extremes",
     "transport_strip",
 ]

@@ -64,6 +64,17 @@ def stats_section(folder: Path, anchor: str) -> tuple[str, list[str]]:
         out += [H.heading(3, "Per-step evolution of the top channels"),
                 H.paragraph("The slider picks the site (layer)."),
                 H.figure(step_evolution(stats))]
+    if (folder / "llm.json").is_file():  # a language-model run (`massact llm-stats`)
+        from massact_nn.llm_stats import TokenPositions
+
+        from .llm import position_rows, token_extremes
+
+        pos = TokenPositions.from_json(load_json(folder / "llm.json"))
+        out += [H.heading(3, "Largest activations by token"),
+                H.paragraph("Single entries |h| (not channel means): the top-1/2/3 of a sequence "
+                            "against the layer median, and where they sit (token@position, "
+                            "channel)."),
+                H.figure(token_extremes(pos)), H.table(position_rows(pos))]
     out += [H.heading(3, "Per-site summary"),
             H.table(stats.summary(), ["layer", "module", "kind", "channels", "top",
                                       "ratio_top1_median", "ratio_top1_median_mean_abs",

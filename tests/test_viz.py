@@ -162,3 +162,18 @@ def test_token_extremes_shows_top_entries_against_the_median():
     assert list(fig.data[3].customdata) == [0.5, 0.5, 0.5]
     assert "[CLS]@0" in fig.data[0].text[1] and "channel 99" in fig.data[0].text[1]
     assert "encoder.layer.1 · L1" in fig.data[0].text[1]
+
+
+def test_step_heatmap_is_steps_by_top_channels_per_site(stats):
+    from massact_nn.viz import step_heatmap
+
+    fig = step_heatmap(stats, n_channels=2)
+    assert len(fig.data) == len(stats.sites) and len(fig.layout.sliders[0].steps) == 3
+    for t, s in zip(fig.data, stats.sites):
+        top = stats.top(s.module, 2).tolist()
+        assert list(t.x) == [str(c) for c in top]
+        want = stats.stat(s.module, "per_step_abs_mean").double().numpy()[:, top]
+        np.testing.assert_allclose(np.asarray(t.customdata), want, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(t.z), np.log10(want), rtol=1e-5)
+        assert s.module in t.hovertemplate
+    assert fig.data[0].zmin == fig.data[2].zmin  # one colour scale for every site

@@ -9,6 +9,7 @@ from .masks import mask_overview, mask_viewer
 from .probes import disruption_grid, disruption_metrics, transport_strip
 from .report import build_report, find_runs
 from .stats import channel_heatmap, massive_profile, stat_matrix, step_evolution
+from .steps import step_heatmap
 
 __all__ = [
     "build_report",
@@ -21,6 +22,7 @@ __all__ = [
     "massive_profile",
     "stat_matrix",
     "step_evolution",
+    "step_heatmap",
     "token_extremes",
     "transport_strip",
 ]

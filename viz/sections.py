@@ -21,6 +21,7 @@ from . import html as H
 from .masks import mask_overview, mask_viewer
 from .probes import disruption_grid, disruption_metrics, transport_strip
 from .stats import channel_heatmap, massive_profile, step_evolution
+from .steps import step_heatmap
 
 META_KEYS = ("model", "architecture", "transformer_class", "versions", "prompts", "prompt",
              "caption", "image", "source_prompt", "target_prompt", "source_image", "seed", "steps",
@@ -64,6 +65,11 @@ def stats_section(folder: Path, anchor: str) -> tuple[str, list[str]]:
         out += [H.heading(3, "Per-step evolution of the top channels"),
                 H.paragraph("The slider picks the site (layer)."),
                 H.figure(step_evolution(stats))]
+        n = min(16, min(s.channels for s in stats.sites))
+        if int(stats.meta.get("steps") or 0) >= 4:
+            out += [H.paragraph(f"The same as steps × channels for the top-{n} channels, on one "
+                                "colour scale for every site."),
+                    H.figure(step_heatmap(stats, n_channels=n))]
     if (folder / "llm.json").is_file():  # a language-model run (`massact llm-stats`)
         from massact_nn.llm_stats import TokenPositions
 

@@ -136,3 +136,16 @@ def test_mask_viewer_rejects_a_truth_of_the_wrong_shape():
     r, _ = segmentation_result()
     with pytest.raises(MassactError, match="fits neither"):
         mask_viewer(r, torch.zeros(5, 7, dtype=torch.bool))
+
+
+def test_disruption_grid_can_show_one_k_at_a_time():
+    from massact_nn.viz.probes import disruption_sets_by_k
+
+    from massact_nn.errors import MassactError
+
+    r = disruption_result()
+    assert disruption_sets_by_k(r) == {2: ["none", "top_k2", "low_k2", "random0_k2"]}
+    fig = disruption_grid(r, sets=["none", "top_k2"])
+    assert len([t for t in fig.data if t.type == "image"]) == 2 * 2
+    with pytest.raises(MassactError, match="unknown channel set 'top_k9'"):
+        disruption_grid(r, sets=["top_k9"])

@@ -15,7 +15,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from massact_nn.disruption import DisruptionResult
-from massact_nn.errors import MassactError
+from massact_nn.errors import MassactError, choice_error
 from massact_nn.transport import TransportResult
 
 from ._common import FONT, compact_ints, fmt, log_axis, run_label
@@ -52,7 +52,10 @@ def _set_caption(name: str, row: dict) -> str:
     return "<br>".join(parts)
 
 
-def disruption_grid(result: DisruptionResult, max_prompts: int = 4, title: str | None = None) -> go.Figure:
+def disruption_grid(
+    result: DisruptionResult, max_prompts: int = 4, sets: Sequence[str] | None = None,
+    title: str | None = None,
+) -> go.Figure:
     """Channel sets side by side (columns, baseline first), prompts as rows, metrics as captions.
 
     Hover on an image names the set, the prompt, the disrupted channels per site and the
@@ -61,9 +64,13 @@ def disruption_grid(result: DisruptionResult, max_prompts: int = 4, title: str |
     Args:
         result: A disruption result.
         max_prompts: Rows shown (the first prompts).
+        sets: Set names shown, in order (default: all; see :func:`disruption_sets_by_k`).
         title: Figure title.
     """
-    sets = result.sets
+    sets = list(result.sets if sets is None else sets)
+    unknown = [s for s in sets if s not in result.images]
+    if unknown:
+        raise choice_error("channel set", unknown[0], result.sets)
     if not sets:
         raise MassactError("the disruption result holds no images")
     prompts = list(result.meta.get("prompts") or [])
@@ -93,6 +100,18 @@ def disruption_grid(result: DisruptionResult, max_prompts: int = 4, title: str |
     )
     fig.update_annotations(font_size=11)
     return fig
+
+
+def disruption_sets_by_k(result: DisruptionResult) -> dict[int, list[str]]:
+    """Set names grouped by k, each group led by the undisturbed baseline (one grid per k)."""
+    per_set = (result.metrics or {}).get("sets", {})
+    base = [s for s in result.sets if s == "none"]
+    groups: dict[int, list[str]] = {}
+    for s in result.sets:
+        k = per_set.get(s, {}).get("k")
+        if s != "none" and isinstance(k, int):
+            groups.setdefault(k, list(base)).append(s)
+    return groups or {0: list(result.sets)}
 
 
 def disruption_metrics(result: DisruptionResult, title: str | None = None) -> go.Figure:

@@ -19,7 +19,7 @@ from massact_nn.transport import TransportResult
 
 from . import html as H
 from .masks import mask_overview, mask_viewer
-from .probes import disruption_grid, disruption_metrics, transport_strip
+from .probes import disruption_grid, disruption_metrics, disruption_sets_by_k, transport_strip
 from .stats import channel_heatmap, massive_profile, step_evolution
 from .steps import step_heatmap
 
@@ -97,7 +97,7 @@ def probe_section(folder: Path, meta: dict, anchor: str) -> tuple[str, list[str]
     if kind in builders:
         try:
             return builders[kind](folder, anchor)
-        except (MassactError, KeyError, ValueError, RuntimeError) as e:
+        except (MassactError, KeyError, ValueError, RuntimeError, OSError) as e:
             name, parts = generic_section(folder, meta, anchor)
             return name, parts[:1] + [H.paragraph(f"(The {kind} viewer could not read this "
                                                   f"folder: {e}; showing its files.)")] + parts[1:]
@@ -110,8 +110,12 @@ def _disruption(folder: Path, anchor: str) -> tuple[str, list[str]]:
     out = [H.heading(2, name, anchor),
            H.paragraph("Each column generates the same prompts from the same seeds with one "
                        "channel set disrupted; 'none' is the undisturbed baseline. Top-k should "
-                       "hurt far more than the low-k and random-k controls."),
-           H.figure(disruption_grid(r))]
+                       "hurt far more than the low-k and random-k controls.")]
+    groups = disruption_sets_by_k(r)
+    for k, sets in groups.items():
+        if len(groups) > 1:
+            out.append(H.heading(3, f"k = {k}"))
+        out.append(H.figure(disruption_grid(r, sets=sets)))
     summary = (r.metrics or {}).get("summary")
     if summary:
         out += [H.figure(disruption_metrics(r)), H.heading(3, "Metrics per channel set"),

@@ -45,6 +45,24 @@ def resolve_pipeline(path: str | Path) -> Path:
     raise FileNotFoundError(f"no toy pipeline in {path} (expected model_index.json or pipeline/)")
 
 
+def _record_checkpoint(src: Path, meta_path: Path) -> None:
+    """Store the step, training time and live config of the run's latest checkpoint."""
+    state_path = src.parent / "state.pt"
+    if not state_path.exists():
+        return
+    import torch
+
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta.setdefault("call", build.PIPELINE_DEFAULTS)
+    meta["checkpoint"] = {
+        "step": int(state["step"]),
+        "train_minutes": round(float(state["elapsed"]) / 60.0, 2),
+        "config": state.get("config"),
+    }
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def folder_bytes(folder: str | Path) -> int:
     """Total size of the files under ``folder``."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
@@ -99,6 +117,7 @@ def export(
     else:
         net = train_judge(log=lambda _m: None)
     save_judge(net, tmp)
+    _record_checkpoint(src, tmp / build.DEFAULTS_FILE)
     report = None
     if evaluate_n > 0:
         from .evaluate import evaluate

@@ -253,3 +253,4 @@ def test_generated_pseudo_truth_needs_the_caption_colours():
     assert torch.equal(drawn_mask(img, fg, bg), torch.from_numpy(wb.masks[0]))
     assert drawn_mask(img, bg, W.RGB[[c for c in range(6) if c not in a.values()][0]]) is None
     assert drawn_mask(torch.rand(3, 32, 32) * 2 - 1, fg, bg) is None
+    assert drawn_mask(img, bg, fg) is None  # swapped colours: the "foreground" fills the frame

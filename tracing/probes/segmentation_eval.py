@@ -8,8 +8,10 @@ Two sources of images, both from the shapes world (:mod:`massact_nn.world`):
   mask; its pseudo-truth is the colour mask of the final image (pixels nearer the caption's
   foreground colour than its background colour), which is sound for a flat-colour world and
   a model that draws the right colours. Images that do not (fewer than 80% of pixels within
-  0.5 of either caption colour in [-1, 1] RGB, or a foreground share outside 5-75%) are not
-  scored, and the count of scored images is reported. Activations at earlier steps are
+  0.5 of either caption colour in [-1, 1] RGB, a foreground share outside 5-75%, or more than
+  10% of the outermost pixel ring in the foreground colour: world shapes never touch the
+  frame, so that is a drawing with swapped colours) are not scored, and the count of scored
+  images is reported. Activations at earlier steps are
   scored against the final image's mask.
 
 Every (source, noise level, site) is clustered with ``top``, ``all``, ``low`` and ``random``
@@ -201,8 +203,10 @@ def drawn_mask(
     img = image.float()
     d = torch.minimum((img - f.view(3, 1, 1)).norm(dim=0), (img - b.view(3, 1, 1)).norm(dim=0))
     mask = colour_mask(img, f, b)
+    ring = torch.ones_like(mask)
+    ring[1:-1, 1:-1] = False
     ok = (d < near).float().mean() >= explained and share[0] <= mask.float().mean() <= share[1]
-    return mask if ok else None
+    return mask if ok and mask[ring].float().mean() <= 0.1 else None
 
 
 def to_markdown(rows: list[dict], k: int, images: dict[str, int]) -> str:

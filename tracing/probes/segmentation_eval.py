@@ -185,8 +185,9 @@ def evaluate_segmentation(
               "generated_scored": scored if "generated" in sources else None}
     md = to_markdown(rows, k, {"real": len(batch), "generated": scored})
     if "generated" in sources:
-        md += (f"\nGenerated images scored: {scored} of {len(batch)} (the others did not draw their "
-               "caption's two colours, so they have no pseudo-truth).\n")
+        md += f"\nGenerated images scored: {scored} of {len(batch)}"
+        md += (" (the others did not draw their caption's two colours, so they have no "
+               "pseudo-truth).\n" if scored < len(batch) else ".\n")
     return {"rows": rows, "markdown": md, "config": config}
 
 

@@ -228,7 +228,7 @@ def test_evaluation_rows_controls_and_baseline_arithmetic(tiny_flux, planted):
     keys = {(r["source"], r["site"], r["set"]) for r in rows}
     for src in ("real", "generated"):
         for site in (PLANT_SITE, "single_transformer_blocks.1", "vote"):
-            for name in ("top-2", "all", "random-2", "low-2"):
+            for name in ("top-2", "all", "rest", "random-2", "low-2"):
                 assert (src, site, name) in keys
         for name in ("all_foreground", "centre", "input"):
             assert (src, "-", name) in keys

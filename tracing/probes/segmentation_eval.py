@@ -14,11 +14,12 @@ Two sources of images, both from the shapes world (:mod:`massact_nn.world`):
   images is reported. Activations at earlier steps are
   scored against the final image's mask.
 
-Every (source, noise level, site) is clustered with ``top``, ``all``, ``low`` and ``random``
-channel sets (``random``: several seeded draws, pooled), and also with a strict-majority
-``vote`` over the sites. Baselines: ``all_foreground``, ``centre`` (a centred disc) and
-``input`` (the transformer's noisy input tokens clustered with the same rule). IoU is
-computed at image resolution (token masks upsampled by nearest neighbour).
+Every (source, noise level, site) is clustered with ``top``, ``all``, ``rest`` (all but the
+top-k), ``low`` and ``random`` channel sets (``random``: several seeded draws, pooled), and
+also with a strict-majority ``vote`` over the sites. Baselines: ``all_foreground``,
+``centre`` (a centred disc) and ``input`` (the transformer's noisy input tokens clustered with
+the same rule). IoU is computed at image resolution (token masks upsampled by nearest
+neighbour).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ BASELINES = ("all_foreground", "centre", "input")
 
 def _sets(stats: ChannelStats, sites: list, k: int, draws: int, seed: int) -> dict:
     sets = select_channels(stats, sites, ("top", "all", "low"), k, seed)
+    # every channel but the top-k: is the layout exclusive to the massive channels?
+    sets["rest"] = {m: a[~torch.isin(a, sets["top"][m])] for m, a in sets["all"].items()}
     for d in range(draws):
         sets[f"random#{d}"] = select_channels(stats, sites, ("random",), k, seed + d)["random"]
     return sets
@@ -175,7 +178,7 @@ def evaluate_segmentation(
                 level = f"step {level} (t={np.mean(t_of_step[level]):.2f})"
             v = np.asarray(vals, dtype=np.float64)
             rows.append({"source": src, "level": level, "site": site,
-                         "set": name if name in ("all", *BASELINES) else f"{name}-{k}",
+                         "set": name if name in ("all", "rest", *BASELINES) else f"{name}-{k}",
                          "iou_mean": float(v.mean()), "iou_std": float(v.std()), "n": int(v.size)})
     config = {"samples": len(batch), "sites": modules, "steps": list(plan.steps),
               "t_values": list(t_values), "k": k, "random_draws": random_draws,
@@ -212,8 +215,8 @@ def drawn_mask(
 
 def to_markdown(rows: list[dict], k: int, images: dict[str, int]) -> str:
     """One table per source: (level, site) rows by channel set / baseline columns (mean IoU)."""
-    cols = ["top", "all", "random", "low"]
-    cols = [c if c == "all" else f"{c}-{k}" for c in cols]
+    cols = ["top", "all", "rest", "random", "low"]
+    cols = [c if c in ("all", "rest") else f"{c}-{k}" for c in cols]
     out = []
     for src in dict.fromkeys(r["source"] for r in rows):
         mine = [r for r in rows if r["source"] == src]

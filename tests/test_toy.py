@@ -127,6 +127,7 @@ def test_activation_summary_finds_a_planted_outlier_channel():
     assert out["top_channels"][0] == 5
     assert set(out["top_channels"]) == {1, 2, 3, 5}
     assert out["topk_jaccard"] == 1.0
+    assert out["top1_agreement"] == 1.0
     assert out["top1_over_median"] > 50
 
 

@@ -124,7 +124,7 @@ def generate(
 def activation_summary(
     abs_means: dict[str, np.ndarray], k: int = TOP_K
 ) -> dict[str, dict[str, Any]]:
-    """Per block: top1/median of prompt-averaged abs_mean, top-k channels, top-k Jaccard.
+    """Per block: top1/median of prompt-averaged abs_mean, top-k channels, stability across prompts.
 
     Args:
         abs_means: per block, per-prompt abs_mean. Shapes: [B, D].
@@ -147,6 +147,8 @@ def activation_summary(
             "median": float(np.median(avg)),
             "top_channels": order[:k].tolist(),
             "topk_jaccard": jac,
+            # Fraction of prompts whose own top-1 channel is the prompt-averaged top-1.
+            "top1_agreement": float(np.mean(per_prompt.argmax(axis=1) == order[0])),
         }
     return out
 
@@ -216,11 +218,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"judge accuracy on {report['n']} prompts: "
         + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()),
         f"{'block':<10} {'top1/median':>11} {'top1':>9} {'median':>9} {'jaccard@4':>9}"
-        "  top-4 channels",
+        f" {'top1 agree':>10}  top-4 channels",
     ]
     for name, b in report["blocks"].items():
         lines.append(
             f"{name:<10} {b['top1_over_median']:>11.2f} {b['top1']:>9.4f} {b['median']:>9.4f} "
-            f"{b['topk_jaccard']:>9.3f}  {b['top_channels']}"
+            f"{b['topk_jaccard']:>9.3f} {b['top1_agreement']:>10.3f}  {b['top_channels']}"
         )
     return "\n".join(lines)

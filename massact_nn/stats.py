@@ -20,6 +20,12 @@ from .selection import mean_pairwise_jaccard_fast, ratio_top1_median, top_k
 from .sites import Site, resolve_sites
 
 STATISTICS = ("abs_mean", "mean_abs", "max_abs")
+"""Magnitude statistics per channel. ``abs_mean``: mean over (prompt, step) of |token-mean| (the
+paper's selection statistic); ``mean_abs``: mean of token-mean |h| (LLM massive-activation work);
+``max_abs``: max |h|."""
+SIGNED = ("mean",)
+"""``mean``: the signed token-mean averaged over (prompt, step), what "set to the channel mean"
+disruption writes. Not a magnitude, so viewers with log scales leave it out."""
 
 
 class _SiteAccumulator:
@@ -28,6 +34,7 @@ class _SiteAccumulator:
     def __init__(self, channels: int, steps: int, per_step: bool, device: torch.device) -> None:
         z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
         self.sum_abs_m = z(channels)
+        self.sum_m = z(channels)
         self.sum_mean_abs = z(channels)
         self.max_abs = z(channels)
         self.count = 0
@@ -112,6 +119,7 @@ class StatsAccumulator:
         max_abs = habs.amax(dim=(0, 1)).float().to(self.device)
         absm = m.abs()
         a.sum_abs_m += absm.sum(0)
+        a.sum_m += m.sum(0)
         a.sum_mean_abs += mean_abs.sum(0)
         torch.maximum(a.max_abs, max_abs, out=a.max_abs)
         a.count += h.shape[0]
@@ -164,6 +172,7 @@ class StatsAccumulator:
                 raise MassactError(f"site {module}: no samples were accumulated")
             t[f"abs_mean/{module}"] = (a.sum_abs_m / a.count).cpu()
             t[f"mean_abs/{module}"] = (a.sum_mean_abs / a.count).cpu()
+            t[f"mean/{module}"] = (a.sum_m / a.count).cpu()
             t[f"max_abs/{module}"] = a.max_abs.cpu()
             if a.step_sum is not None:
                 counts = torch.tensor(a.step_count, dtype=torch.float32).clamp_min(1)
@@ -182,7 +191,8 @@ class ChannelStats:
     """Per-site channel statistics of one model over a set of prompts and steps.
 
     Saved to a run folder as ``stats.safetensors`` (keys ``abs_mean/<module>``,
-    ``mean_abs/<module>``, ``max_abs/<module>``, optional ``per_step_abs_mean/<module>``, and the
+    ``mean_abs/<module>``, ``max_abs/<module>``, ``mean/<module>`` (signed), optional
+    ``per_step_abs_mean/<module>``, and the
     bookkeeping that makes shards mergeable: ``count/``, ``step_count/``, ``prompt_topk/``,
     ``step_topk/``) plus ``stats.json`` (metadata and the per-site summary).
 
@@ -207,10 +217,14 @@ class ChannelStats:
         Shapes:
             -> [channels] (``per_step_abs_mean``: [steps, channels]).
         """
-        accepted = STATISTICS + (("per_step_abs_mean",) if self.has_per_step else ())
+        accepted = STATISTICS + SIGNED + (("per_step_abs_mean",) if self.has_per_step else ())
         if name not in accepted:
             raise choice_error("statistic", name, accepted)
-        return self.tensors[f"{name}/{self.site(module).module}"]
+        key = f"{name}/{self.site(module).module}"
+        if key not in self.tensors:
+            raise MassactError(f"statistic {name!r} is not in this run (written by an older version?); "
+                               f"present: {sorted({k.split('/')[0] for k in self.tensors})}")
+        return self.tensors[key]
 
     @property
     def has_per_step(self) -> bool:
@@ -279,7 +293,7 @@ class ChannelStats:
         for s in self.sites:
             m = s.module
             na, nb = a[f"count/{m}"].double(), b[f"count/{m}"].double()
-            for name in ("abs_mean", "mean_abs"):
+            for name in ("abs_mean", "mean_abs", "mean"):
                 t[f"{name}/{m}"] = ((a[f"{name}/{m}"].double() * na + b[f"{name}/{m}"].double() * nb)
                                     / (na + nb)).float()
             t[f"max_abs/{m}"] = torch.maximum(a[f"max_abs/{m}"], b[f"max_abs/{m}"])

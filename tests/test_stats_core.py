@@ -39,6 +39,7 @@ def test_accumulator_matches_hand_computation():
         torch.testing.assert_close(st.stat(s.module, "abs_mean"), m.abs().mean((0, 1)))
         torch.testing.assert_close(st.stat(s.module, "mean_abs"), x.abs().mean(2).mean((0, 1)))
         torch.testing.assert_close(st.stat(s.module, "max_abs"), x.abs().amax((0, 1, 2)))
+        torch.testing.assert_close(st.stat(s.module, "mean"), m.mean((0, 1)))
         torch.testing.assert_close(st.stat(s.module, "per_step_abs_mean"), m.abs().mean(1))
         # per-prompt top-k sets come from the prompt's own abs_mean over steps
         want = torch.topk(m.abs().mean(0), 2, dim=1).indices

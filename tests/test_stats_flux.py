@@ -45,6 +45,7 @@ def _hook_oracle(pipe, prompts, gen):
             "abs_mean": x.mean(1).abs().mean(0),
             "mean_abs": x.abs().mean(1).mean(0),
             "max_abs": x.abs().amax((0, 1)),
+            "mean": x.mean(1).mean(0),
         }
     return out
 

@@ -186,7 +186,7 @@ def disrupt(
     bar = tqdm(total=len(names) * n_batches, desc="disrupt", unit="gen", disable=not config.progress)
     images: dict[str, torch.Tensor] = {}
     for name, *_ in names:
-        edit = {m: (ch, st.stat(m, "abs_mean")[ch] if config.mode == "mean" else None)
+        edit = {m: (ch, st.stat(m, "mean")[ch] if config.mode == "mean" else None)
                 for m, ch in sets[name].items()}
         images[name] = generate_images(model, plan, prompts, edit, config.mode, config.alpha, bar)
     bar.close()

@@ -44,7 +44,7 @@ def test_evaluate_writes_tables(tiny_flux, tmp_path):
     st = collect_stats(tiny_flux, ["a red cat", "a dog"],
                        StatsConfig(GenerationConfig(steps=2, height=32, width=32), k=2, progress=False))
     cfg = EvaluationConfig(ks=[1], prompts=2, pairs=2, random_draws=1, num_steps=2, height=32, width=32,
-                           transport_masks=("all",), segmentation=None)
+                           transport_ks=[4], transport_masks=("all",), segmentation=None)
     report = evaluate(tiny_flux, st, cfg)
     md = save_evaluation(report, tmp_path)
     back = json.loads((tmp_path / "evaluation.json").read_text())

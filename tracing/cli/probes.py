@@ -160,7 +160,7 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", type=int, default=16, help="transport pairs (default 16)")
     p.add_argument("--random-draws", type=int, default=3)
     p.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: model's)")
-    p.add_argument("--transport-k", type=int, default=4, help="channels per site for transport")
+    p.add_argument("--transport-k", default="4,16", help="channels per site for transport (default 4,16)")
     p.add_argument("--seed", type=int, default=1000, help="first seed (default 1000)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -183,7 +183,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     cfg = EvaluationConfig(
         ks=_ints(args.k), prompts=args.prompts, pairs=args.pairs, random_draws=args.random_draws,
         num_steps=args.num_steps, height=args.height, width=args.width,
-        transport_k=args.transport_k, seed=args.seed, sites=parse_sites(args.sites),
+        transport_ks=_ints(args.transport_k), seed=args.seed, sites=parse_sites(args.sites),
         transport_masks=[m.strip() for m in args.masks.split(",") if m.strip()],
         judge=args.judge if args.judge else True,
         segmentation={"world_samples": args.segmentation_samples} if args.segmentation_samples > 0 else None,

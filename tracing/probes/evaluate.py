@@ -41,7 +41,7 @@ class EvaluationConfig:
         num_steps: Denoising steps (``None``: the model folder's default).
         height: Image height (``None``: the model folder's default).
         width: Image width (``None``: the model folder's default).
-        transport_k: Channels per site for transport.
+        transport_ks: Channels per site for transport (top/low/random at each k, plus all).
         seed: First generation seed (prompt i uses ``seed + i``); also picks the captions.
         sites: Sites to intervene at (``None``: all).
         transport_steps: Steps to transport at (``None``: all).
@@ -58,7 +58,7 @@ class EvaluationConfig:
     num_steps: int | None = None
     height: int | None = None
     width: int | None = None
-    transport_k: int = 4
+    transport_ks: Sequence[int] = (4, 16)
     seed: int = 1000
     sites: Sequence[str | int] | None = None
     transport_steps: str | None = None
@@ -118,16 +118,17 @@ def evaluate(model: Any, stats: ChannelStats | str | Path, config: EvaluationCon
     src, tgt = transport_pairs(config.pairs, config.seed)
     rows = []
     named: dict = {}
-    controls = ("top", "low", "random", "all")
-    bar = tqdm(total=len(config.transport_masks) * len(controls), desc="transport", unit="run")
+    ks = list(config.transport_ks)
+    runs = [(c, k) for k in ks for c in ("top", "low", "random")] + [("all", 0)]
+    bar = tqdm(total=len(config.transport_masks) * len(runs), desc="transport", unit="run")
     for mask in config.transport_masks:
-        for control in controls:
+        for control, k in runs:
             if control == "all":
                 chans = {s.module: torch.arange(s.channels) for s in st.sites}
             else:
-                chans = channel_sets(st, st.sites, control, config.transport_k, seed=config.seed)
+                chans = channel_sets(st, st.sites, control, k, seed=config.seed)
             spec = named.get(mask, mask)
-            cfg = TransportConfig(generation=gen, channels=chans, sites=config.sites, k=config.transport_k,
+            cfg = TransportConfig(generation=gen, channels=chans, sites=config.sites, k=ks[0],
                                   steps=config.transport_steps, token_mask=spec, judge=config.judge,
                                   progress=False)
             r = transport(model, src, tgt, st, cfg)
@@ -135,7 +136,7 @@ def evaluate(model: Any, stats: ChannelStats | str | Path, config: EvaluationCon
             bar.update(1)
             m = r.metrics
             rows.append({"mask": mask, "token_fraction": m["token_fraction"],
-                         "channels": control if control == "all" else f"{control}-{config.transport_k}",
+                         "channels": control if control == "all" else f"{control}-{k}",
                          "mse_to_source": m["to_source"]["all"], "mse_to_target": m["to_target"]["all"],
                          "mse_to_target_outside": m["to_target"]["outside"],
                          "moved": m.get("moved"), "kept": m.get("kept"), "already": m.get("already")})
@@ -151,7 +152,7 @@ def _segmentation(model: Any, stats: ChannelStats, gen: GenerationConfig, config
         from .segmentation import evaluate_segmentation
     except ImportError:
         return {"available": False, "note": "segmentation evaluation is not installed"}
-    kw = {"num_steps": gen.steps, "k": config.transport_k, "random_draws": config.random_draws,
+    kw = {"num_steps": gen.steps, "random_draws": config.random_draws,
           "sites": config.sites, **config.segmentation}
     return {"available": True, **evaluate_segmentation(model, stats, **kw)}
 

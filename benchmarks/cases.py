@@ -81,9 +81,64 @@ def naive_save_all(b: Bench) -> None:
     b.extra["naive_save_all"] = {"stored_MiB": round(stored / 2**20, 1)}
 
 
+def _stats_for_probes(b: Bench):
+    if b.stats is None:
+        stats(b)
+    return b.stats
+
+
+def disrupt_all(b: Bench) -> None:
+    """Zero the top-4 channels at every site and step (one generation, no controls)."""
+    from massact_nn.tracing.probes.common import make_plan
+    from massact_nn.tracing.probes.disruption import generate_images
+
+    st = _stats_for_probes(b)
+    plan = make_plan(b.model, b.gen())
+    edit = {s.module: (st.top(s.module, 4), None) for s in plan.sites}
+    generate_images(b.model, plan, PROMPT, edit, "zero")
+
+
+def plain_pair(b: Bench) -> None:
+    """Two plain generations in one batch: what a batched transport must be compared with."""
+    b.model.pipeline(PROMPT * 2, **b.kwargs(2))
+
+
+def plain_triple(b: Bench) -> None:
+    """Three rows in one batch (source, untouched target, result), the batched probe's layout."""
+    b.model.pipeline(PROMPT * 3, **b.kwargs(3))
+
+
+def _transport(b: Bench, mode: str) -> None:
+    from massact_nn.tracing.probes.transport import TransportConfig, transport
+
+    st = _stats_for_probes(b)
+    cfg = TransportConfig(generation=b.gen(), k=4, mode=mode, judge=False, progress=False)
+    res = transport(b.model, PROMPT[0], "a green square on a yellow background", st, cfg)
+    if mode == "two_pass":
+        full = max(res.meta["full_bytes"], 1)
+        b.extra["transport_two_pass"] = {
+            "stored_KiB": round(res.meta["stored_bytes"] / 1024, 1),
+            "full_KiB": round(full / 1024, 1),
+            "stored/full": round(res.meta["stored_bytes"] / full, 5),
+        }
+
+
+def transport_batched(b: Bench) -> None:
+    _transport(b, "batched")
+
+
+def transport_two_pass(b: Bench) -> None:
+    _transport(b, "two_pass")
+
+
 CASES: dict[str, Callable[[Bench], None]] = {
     "plain": plain,
     "nnsight_empty": nnsight_empty,
     "stats": stats,
     "naive_save_all": naive_save_all,
+    "disrupt_all": disrupt_all,
+    "plain_pair": plain_pair,
+    "plain_triple": plain_triple,
+    "transport_batched": transport_batched,
+    "transport_two_pass": transport_two_pass,
 }

@@ -11,9 +11,10 @@ from ._io import load_json, load_tensors, save_json, save_tensors
 from .errors import MassactError, choice_error
 
 MODES = ("zero", "mean", "token_mean", "scale")
-"""``zero``: set to 0. ``mean``: set to the channel's dataset mean from the statistics run (the
-run stores ``abs_mean`` = mean over samples of |mean over tokens|, a magnitude: the sign is the
-sample's own token-mean sign, which for massive channels is the same in every sample).
+"""``zero``: set to 0. ``mean``: set to the channel's dataset mean from the statistics run (its
+signed ``mean``; runs written before that statistic existed only have the magnitude ``abs_mean``,
+and then each sample's own token-mean sign is used, which for massive channels is the same in
+every sample).
 ``token_mean``: set to the sample's own mean over image tokens at that step (removes the spatial
 pattern, keeps the magnitude). ``scale``: multiply by ``alpha``."""
 
@@ -24,6 +25,7 @@ def ablate(
     mode: str = "zero",
     alpha: float = 0.0,
     values: torch.Tensor | None = None,
+    signed: bool = True,
 ) -> torch.Tensor:
     """A new tensor with ``channels`` of every image token replaced by the chosen mode.
 
@@ -35,8 +37,9 @@ def ablate(
         channels: Channel ids to disrupt (may be empty: returns ``h`` unchanged).
         mode: One of :data:`MODES`.
         alpha: Factor of ``scale`` mode.
-        values: ``mean`` mode's magnitudes per chosen channel (``abs_mean`` of a statistics
-            run); each row's sign is that of its own mean over tokens.
+        values: ``mean`` mode's value per chosen channel (a statistics run's ``mean``).
+        signed: Whether ``values`` are signed means (written as they are) or magnitudes
+            (``abs_mean``: each row then takes the sign of its own mean over tokens).
 
     Shapes:
         h: [rows, tokens, channels]; channels: [k]; values: [k] or [rows, k] -> [rows, tokens, channels].
@@ -62,8 +65,11 @@ def ablate(
             raise MassactError("mode 'mean' needs per-channel values (from a statistics run)")
         v = values.to(h.device, h.dtype)
         v = v.view(1, 1, -1) if v.ndim == 1 else v[:, None, :]
-        sign = torch.where(sel.mean(1, keepdim=True) < 0, -1.0, 1.0).to(h.dtype)
-        new = (sign * v.abs()).expand_as(sel)
+        if signed:
+            new = v.expand_as(sel)
+        else:
+            sign = torch.where(sel.mean(1, keepdim=True) < 0, -1.0, 1.0).to(h.dtype)
+            new = (sign * v.abs()).expand_as(sel)
     out = h.clone()
     out[..., ch] = new.to(h.dtype)
     return out

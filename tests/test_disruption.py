@@ -53,7 +53,9 @@ def test_ablate_modes_touch_only_the_chosen_channels():
     torch.testing.assert_close(s[..., ch], h[..., ch] * 0.5)
     t = ablate(h, ch, "token_mean")
     torch.testing.assert_close(t[..., ch], h[..., ch].mean(1, keepdim=True).expand(2, 6, 2))
-    m = ablate(h, ch, "mean", values=torch.tensor([4.0, 7.0]))
+    m = ablate(h, ch, "mean", values=torch.tensor([-4.0, 7.0]))
+    assert (m[:, :, 2] == -4.0).all() and (m[:, :, 5] == 7.0).all()
+    m = ablate(h, ch, "mean", values=torch.tensor([4.0, 7.0]), signed=False)  # magnitudes: sample's sign
     assert (m[0, :, 2] == 4.0).all() and (m[1, :, 2] == -4.0).all() and (m[:, :, 5] == 7.0).all()
     assert ablate(h, torch.zeros(0, dtype=torch.long), "zero") is h
     with pytest.raises(MassactError, match="disruption mode"):
@@ -80,6 +82,25 @@ def test_zeroed_channels_read_zero_at_next_block_input(planted, site, nxt):
     for x in seen[1:]:
         assert (x[..., ch] == 0).all()
         assert x[..., 0].abs().max() > 0, "other channels must be kept"
+
+
+def test_mean_mode_writes_the_stats_signed_mean(planted, planted_stats):
+    from massact_nn.stats import ChannelStats
+
+    st = ChannelStats.load(planted_stats)
+    site, nxt = "transformer_blocks.0", "transformer_blocks.1"
+    ch = torch.tensor([5, 3])
+    want = st.stat(site, "mean")[ch]
+    plan = make_plan(planted, GEN, sites=[site])
+    seen = []
+    hook = planted.pipeline.transformer.get_submodule(nxt).register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["hidden_states"].detach().clone()), with_kwargs=True)
+    try:
+        generate_images(planted, plan, PROMPTS, {site: (ch, want)}, mode="mean")
+    finally:
+        hook.remove()
+    for x in seen:
+        torch.testing.assert_close(x[..., ch], want.expand_as(x[..., ch]))
 
 
 def test_disrupt_controls_planted_channel_is_critical(planted, planted_stats, tmp_path):

@@ -72,7 +72,7 @@ class DisruptionConfig:
 
 def disrupt_output(
     layout: str, out: Any, n_img: int, channels: torch.Tensor, mode: str = "zero",
-    alpha: float = 0.0, values: torch.Tensor | None = None,
+    alpha: float = 0.0, values: torch.Tensor | None = None, signed: bool = True,
 ) -> Any:
     """A block's output with the chosen image-stream channels disrupted (a new object).
 
@@ -80,10 +80,10 @@ def disrupt_output(
     Every row is edited (under batched CFG both the unconditional and conditional rows).
 
     Shapes:
-        channels: [k]; values: [k] (``mean`` mode).
+        channels: [k]; values: [k] (``mean`` mode; magnitudes when ``signed`` is false).
     """
     h = read_image(layout, out, n_img)
-    return write_image(layout, out, ablate(h, channels, mode, alpha, values), n_img)
+    return write_image(layout, out, ablate(h, channels, mode, alpha, values, signed), n_img)
 
 
 def generate_images(
@@ -94,6 +94,7 @@ def generate_images(
     mode: str = "zero",
     alpha: float = 0.0,
     bar: Any = None,
+    signed: bool = True,
 ) -> torch.Tensor:
     """Generate ``prompts`` with per-site channel edits at the plan's steps (``None``: no edit).
 
@@ -105,6 +106,7 @@ def generate_images(
         mode: Disruption mode.
         alpha: Factor of ``scale`` mode.
         bar: Optional tqdm bar advanced once per batch.
+        signed: ``mean`` values are signed means (else magnitudes; see :func:`ablate`).
 
     Shapes:
         -> [prompts, 3, H, W] in [0, 1].
@@ -125,7 +127,7 @@ def generate_images(
                         ch, vals = edit[s.module]
                         blk = blocks[s.module]
                         blk.output = disrupt_output(plan.layouts[s.module], blk.output, plan.n_img,
-                                                    ch, mode, alpha, vals)
+                                                    ch, mode, alpha, vals, signed)
             res = tracer.result.save()
         chunks.append(res[0].float().cpu())
         if bar is not None:
@@ -185,13 +187,17 @@ def disrupt(
     n_batches = -(-len(prompts) // plan.gen.batch_size)
     bar = tqdm(total=len(names) * n_batches, desc="disrupt", unit="gen", disable=not config.progress)
     images: dict[str, torch.Tensor] = {}
+    # Older statistics runs have no signed mean: fall back to the magnitude and the sample's sign.
+    mean_stat = "mean" if all(f"mean/{s.module}" in st.tensors for s in plan.sites) else "abs_mean"
     for name, *_ in names:
-        edit = {m: (ch, st.stat(m, "mean")[ch] if config.mode == "mean" else None)
+        edit = {m: (ch, st.stat(m, mean_stat)[ch] if config.mode == "mean" else None)
                 for m, ch in sets[name].items()}
-        images[name] = generate_images(model, plan, prompts, edit, config.mode, config.alpha, bar)
+        images[name] = generate_images(model, plan, prompts, edit, config.mode, config.alpha, bar,
+                                       signed=mean_stat == "mean")
     bar.close()
     metrics = _metrics(images, names, prompts, judge, config)
     meta = probe_meta(model, plan, prompts=prompts, mode=config.mode, alpha=config.alpha, k=ks,
+                      mean_statistic=mean_stat if config.mode == "mean" else None,
                       controls=list(config.controls), random_draws=config.random_draws,
                       channel_seed=config.channel_seed, stats_model=st.meta.get("model"),
                       judge=judge is not None)

@@ -18,23 +18,41 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    The file gets the usual permissions (mkstemp's 0600 would make shared runs unreadable).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write text atomically (UTF-8)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write tensors to a safetensors file atomically (contiguous CPU copies)."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(flat, tmp))
+    atomic_write(path, lambda tmp: save_file(flat, tmp))
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -50,7 +68,7 @@ def save_json(path: str | Path, obj: Any) -> None:
             json.dump(obj, f, indent=2, sort_keys=False)
             f.write("\n")
 
-    _atomic(Path(path), write)
+    atomic_write(path, write)
 
 
 def load_json(path: str | Path) -> Any:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._io import _atomic
+from ._io import atomic_write
 from .errors import MassactError
 
 
@@ -69,7 +69,7 @@ def save_png(path: str | Path, image: torch.Tensor) -> Path:
     """
     p = Path(path)
     pil = to_pil(image)
-    _atomic(p, lambda tmp: pil.save(tmp, format="PNG"))
+    atomic_write(p, lambda tmp: pil.save(tmp, format="PNG"))
     return p
 
 

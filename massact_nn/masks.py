@@ -187,7 +187,7 @@ def save_png_mask(path: str | Path, mask: torch.Tensor) -> None:
     """
     from PIL import Image
 
-    from ._io import _atomic
+    from ._io import atomic_write
 
     arr = (_as_bool(mask).numpy().astype(np.uint8)) * 255
-    _atomic(Path(path), lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+    atomic_write(Path(path), lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))

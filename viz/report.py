@@ -8,14 +8,12 @@ but with run folders inside it (e.g. the output of ``massact demo``) is expanded
 from __future__ import annotations
 
 import html as _html
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from massact_nn._io import load_json
+from massact_nn._io import load_json, write_text
 from massact_nn.errors import MassactError
 from massact_nn.stats import ChannelStats
 
@@ -131,21 +129,6 @@ def build_report(folders: Sequence[str | Path], out: str | Path, title: str | No
         f'<li><a href="#{_html.escape(a)}">{_html.escape(t)}</a></li>' for a, t in toc
     ) + "</ul></nav>"
     text = H.page(title, body + [nav] + sections)
-    return write_text_atomic(out, text)
+    return write_text(out, text)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write text to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a shared report unreadable to others
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from massact_nn._io import _atomic, save_json
+from massact_nn._io import atomic_write, save_json
 from massact_nn.clustering import AGGREGATIONS, FEATURES, FOREGROUND_RULES
 from massact_nn.errors import MassactError
 from massact_nn.images import save_png
@@ -113,4 +113,4 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
             np.save(f, arr)
 
-    _atomic(path, write)
+    atomic_write(path, write)

@@ -148,10 +148,8 @@ def evaluate(model: Any, stats: ChannelStats | str | Path, config: EvaluationCon
 def _segmentation(model: Any, stats: ChannelStats, gen: GenerationConfig, config: EvaluationConfig) -> dict:
     if config.segmentation is None:
         return {"available": False, "note": "skipped (segmentation=None)"}
-    try:
-        from .segmentation import evaluate_segmentation
-    except ImportError:
-        return {"available": False, "note": "segmentation evaluation is not installed"}
+    from .segmentation import evaluate_segmentation
+
     kw = {"num_steps": gen.steps, "random_draws": config.random_draws,
           "sites": config.sites, **config.segmentation}
     return {"available": True, **evaluate_segmentation(model, stats, **kw)}
@@ -213,10 +211,10 @@ def save_evaluation(report: dict, folder: str | Path) -> str:
     folder = Path(folder)
     save_json(folder / "evaluation.json", report)
     md = to_markdown(report)
-    from massact_nn._io import _atomic
+    from massact_nn._io import atomic_write
 
     def write(tmp: str) -> None:
         Path(tmp).write_text(md)
 
-    _atomic(folder / "evaluation.md", write)
+    atomic_write(folder / "evaluation.md", write)
     return md

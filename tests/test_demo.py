@@ -6,7 +6,6 @@ so they do not depend on it (one more runs on the toy once it is shipped).
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
@@ -16,16 +15,7 @@ from massact_nn.tracing.cli.main import main
 from massact_nn.tracing.model import toy_path
 from massact_nn.viz.browser import check_in_browser, find_chromium
 
-PROBES = {"disrupt": "probes.disruption", "segment": "probes.segmentation",
-          "segment_world": "probes.segmentation", "transport": "probes.transport"}
-
-
-def _available(module: str) -> bool:
-    try:
-        importlib.import_module(f"massact_nn.tracing.{module}")
-        return True
-    except ImportError:
-        return False
+PROBES = ("disrupt", "segment", "segment_world", "transport")
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +36,16 @@ def demo(tmp_path_factory) -> tuple[Path, str]:
     return out, buf.getvalue()
 
 
-def test_demo_runs_every_available_probe_and_prints_the_report(demo):
+def test_demo_runs_every_probe_and_prints_the_report(demo):
     out, stdout = demo
     report = out / "report.html"
     assert stdout.strip().splitlines()[-1] == str(report) and report.is_file()
     log = json.loads((out / "demo.json").read_text())
     assert (out / "stats" / "stats.json").is_file()
-    for folder, module in PROBES.items():
-        if _available(module):
-            assert (out / folder / "meta.json").is_file(), folder
-            assert str(out / folder) in log["folders"]
-    assert log["skipped"] == [] or not all(_available(m) for m in PROBES.values())
+    for folder in PROBES:
+        assert (out / folder / "meta.json").is_file(), folder
+        assert str(out / folder) in log["folders"]
+    assert log["skipped"] == []
     # The planted channel is what the statistics found, and the report says so.
     stats = json.loads((out / "stats" / "stats.json").read_text())
     assert all(site["top"][0] == 5 for site in stats["sites"])
@@ -64,14 +53,11 @@ def test_demo_runs_every_available_probe_and_prints_the_report(demo):
     assert "Statistics · stats" in text
     for heading, folder in (("Disruption", "disrupt"), ("Segmentation", "segment"),
                             ("Segmentation", "segment_world"), ("Transport", "transport")):
-        if _available(PROBES[folder]):
-            assert f"{heading} · {folder}<" in text
+        assert f"{heading} · {folder}<" in text
 
 
 def test_demo_world_segmentation_is_scored_against_the_true_mask(demo):
     out, _ = demo
-    if not _available("probes.segmentation"):
-        pytest.skip("the segmentation probe is not part of this build")
     metrics = json.loads((out / "segment_world" / "metrics.json").read_text())
     assert set(metrics["iou"]) >= {"top", "all", "random", "low"}
     assert all(0.0 <= v <= 1.0 for v in metrics["iou"].values())

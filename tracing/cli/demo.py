@@ -14,7 +14,6 @@ import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from massact_nn._io import save_json
 
@@ -102,17 +101,7 @@ def run_demo(
 
 
 class _Unavailable(Exception):
-    """A probe (or an input it needs) is not part of this build or this model."""
-
-
-def _import(module: str, *names: str) -> list[Any]:
-    import importlib
-
-    try:
-        mod = importlib.import_module(f"massact_nn.tracing.{module}")
-        return [getattr(mod, n) for n in names]
-    except (ImportError, AttributeError) as e:
-        raise _Unavailable(f"massact_nn.tracing.{module} is not available ({e})") from None
+    """An input a phase needs does not fit this model (e.g. world images at another size)."""
 
 
 def _stats(ctx: dict) -> list[Path]:
@@ -125,8 +114,8 @@ def _stats(ctx: dict) -> list[Path]:
 
 
 def _disrupt(ctx: dict) -> list[Path]:
-    DisruptionConfig, disrupt, save = _import(  # noqa: N806
-        "probes.disruption", "DisruptionConfig", "disrupt", "save_disruption")
+    from ..probes.disruption import DisruptionConfig, disrupt
+    from ..probes.disruption import save_disruption as save
     cfg = DisruptionConfig(generation=ctx["gen"], k=ctx["k"], random_draws=2)
     result = disrupt(ctx["model"], list(STATS_PROMPTS[:4]), ctx["stats"], cfg)
     return [save(result, ctx["out"] / "disrupt")]
@@ -139,10 +128,10 @@ def _seg_sites(ctx: dict) -> list[str]:
 
 
 def _segment(ctx: dict) -> list[Path]:
-    SegmentConfig, segment = _import("probes.segmentation", "SegmentConfig", "segment")  # noqa: N806
-    (write,) = _import("cli.segment", "write_segmentation")
     from ..generation import resolve
     from ..model import model_adapter
+    from ..probes.segmentation import SegmentConfig, segment
+    from .segment import write_segmentation as write
 
     n = resolve(ctx["gen"], ctx["model"], model_adapter(ctx["model"])).steps
     steps = sorted({n // 4, n // 2, (3 * n) // 4})
@@ -161,9 +150,8 @@ def _segment_world(ctx: dict) -> list[Path]:
 
     from ..generation import resolve
     from ..model import model_adapter
-
-    SegmentConfig, segment = _import("probes.segmentation", "SegmentConfig", "segment")  # noqa: N806
-    (write,) = _import("cli.segment", "write_segmentation")
+    from ..probes.segmentation import SegmentConfig, segment
+    from .segment import write_segmentation as write
     g = resolve(ctx["gen"], ctx["model"], model_adapter(ctx["model"]))
     if (g.height, g.width) != (world.SIZE, world.SIZE):
         raise _Unavailable(f"world images are {world.SIZE}x{world.SIZE} px; this run is "
@@ -180,8 +168,8 @@ def _segment_world(ctx: dict) -> list[Path]:
 
 
 def _transport(ctx: dict) -> list[Path]:
-    TransportConfig, transport, save = _import(  # noqa: N806
-        "probes.transport", "TransportConfig", "transport", "save_transport")
+    from ..probes.transport import TransportConfig, transport
+    from ..probes.transport import save_transport as save
     # p = the target's own foreground (the segmentation probe on the target trajectory).
     cfg = TransportConfig(generation=ctx["gen"], k=ctx["k"], token_mask="target")
     result = transport(ctx["model"], SOURCE_PROMPT, TARGET_PROMPT, ctx["stats"], cfg)

@@ -27,7 +27,7 @@ COMMANDS: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (subcommands whose module is absent are left out)."""
+    """The full argument parser."""
     parser = argparse.ArgumentParser(
         prog="massact",
         description="Massive activations in Diffusion Transformers (nnsight + diffusers).",
@@ -35,13 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"massact_nn.tracing.{name}")
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("massact_nn.tracing"):
-                continue
-            raise
-        mod.register(sub)
+        importlib.import_module(f"massact_nn.tracing.{name}").register(sub)
     return parser
 
 

@@ -10,6 +10,7 @@ from massact_nn.errors import MassactError
 from ..model import load_model
 from ..probes.common import add_probe_args, generation_from_probe_args, parse_sites
 from .common import add_model_args, add_prompt_args, prompts_from
+from .segment import register_segment
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,10 +18,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_disrupt(sub)
     _register_transport(sub)
     _register_evaluate(sub)
-    try:
-        from .segment import register_segment
-    except ImportError:
-        return
     register_segment(sub)
 
 

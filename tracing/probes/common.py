@@ -239,10 +239,8 @@ def find_judge(model: Any, judge: bool | str | Path = True) -> Any | None:
     """
     if judge is False or judge is None:
         return None
-    try:
-        from ..toy.judge import load_judge
-    except ImportError:
-        return None
+    from ..toy.judge import load_judge
+
     if judge is True:
         pipe = getattr(model, "pipeline", model)
         name = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
@@ -257,15 +255,23 @@ def find_judge(model: Any, judge: bool | str | Path = True) -> Any | None:
 
 
 def judge_scores(judge: Any, images: torch.Tensor, prompts: Sequence[str]) -> dict | None:
-    """The judge's accuracy per attribute against world captions (``None`` if not captions)."""
+    """The judge's accuracy per attribute against world captions (``None`` if not captions).
+
+    Shapes:
+        images: [n, 3, H, W] in [0, 1].
+    """
     if judge is None:
         return None
+    from massact_nn import world as W
+
     from ..toy.judge import score
 
     try:
-        return score(images.float() * 2 - 1, list(prompts), judge)
+        for p in prompts:
+            W.parse_caption(p)
     except ValueError:
-        return None
+        return None  # not world captions: the judge has nothing to score against
+    return score(images.float() * 2 - 1, list(prompts), judge)
 
 
 def judge_readings(judge: Any, images: torch.Tensor) -> list[dict] | None:

@@ -44,6 +44,10 @@ class _SiteAccumulator:
         # Per-batch buffers, reset by begin_batch.
         self.prompt_sum: torch.Tensor | None = None
         self.step_sets: list[torch.Tensor | None] = []
+        # The step being accumulated: under true CFG with unconditional calls counted, one step
+        # spans two consecutive calls, and its top-k set must come from both.
+        self.cur_step: int | None = None
+        self.cur_sum: torch.Tensor | None = None
         self.prompt_sets: list[torch.Tensor] = []  # [P_batch, k] per finished batch
         self.step_sets_done: list[torch.Tensor] = []  # [P_batch, S, k] per finished batch
 
@@ -130,11 +134,21 @@ class StatsAccumulator:
         rows = prompt_of_row.to(self.device).long()
         per_prompt = torch.zeros_like(a.prompt_sum).index_add_(0, rows, absm)
         a.prompt_sum += per_prompt
-        a.step_sets[step] = torch.topk(per_prompt, self.k, dim=1).indices
+        if a.cur_step == step:
+            a.cur_sum += per_prompt
+        else:
+            self._close_step(a)
+            a.cur_step, a.cur_sum = step, per_prompt
+
+    def _close_step(self, a: _SiteAccumulator) -> None:
+        if a.cur_step is not None:
+            a.step_sets[a.cur_step] = torch.topk(a.cur_sum, self.k, dim=1).indices
+        a.cur_step, a.cur_sum = None, None
 
     def end_batch(self) -> None:
         """Close a batch: keep each prompt's top-k set and per-step top-k sets."""
         for module, a in self._acc.items():
+            self._close_step(a)
             missing = [i for i, s in enumerate(a.step_sets) if s is None]
             if missing:
                 raise MassactError(

@@ -128,3 +128,19 @@ def test_bad_inputs_are_named():
 def test_load_missing_folder_is_clear(tmp_path):
     with pytest.raises(MassactError, match="no statistics in"):
         ChannelStats.load(tmp_path)
+
+
+def test_step_sets_combine_two_calls_of_one_step():
+    """Two calls of one step (true CFG, both branches counted) form one per-step top-k set."""
+    acc = StatsAccumulator(SITES[:1], steps=1, k=1)
+    acc.begin_batch(1)
+    cond = torch.zeros(1, 2, 6)
+    cond[..., 1] = 3.0
+    uncond = torch.zeros(1, 2, 6)
+    uncond[..., 4] = 2.5
+    uncond[..., 1] = 2.0
+    acc.update("blocks.0", 0, cond)
+    acc.update("blocks.0", 0, uncond)
+    acc.end_batch()
+    # channel 1: 3 + 2 = 5 beats channel 4: 2.5; the second call alone would pick channel 4.
+    assert acc.result().tensors["step_topk/blocks.0"].tolist() == [[[1]]]

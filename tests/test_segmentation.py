@@ -275,3 +275,13 @@ def test_toy_massive_channels_beat_their_controls_on_real_images():
     iou = {r["set"]: r["iou_mean"] for r in rep["rows"]}
     assert iou["all"] > 0.7 and iou["all"] > iou["all_foreground"] + 0.2
     assert iou["top-4"] > iou["random-4"] + 0.1 and iou["top-4"] > iou["low-4"] + 0.2
+
+
+def test_real_image_on_an_unsupported_family_is_one_clear_error():
+    from massact_nn.tracing.probes.real_image import check_supported
+
+    from massact_nn.errors import MassactError
+
+    check_supported("flux")
+    with pytest.raises(MassactError, match=r"not supported for the 'sana' family yet; accepted: flux"):
+        check_supported("sana")

@@ -36,6 +36,20 @@ from ..sites import sites_of
 POSTERIOR = ("mode", "sample")
 
 
+#: Families whose latent path (VAE scaling, 2x2 packing, img_ids, timestep convention) this module
+#: reproduces and tests against the family's own img2img pipeline.
+SUPPORTED_FAMILIES = ("flux",)
+
+
+def check_supported(family: str) -> None:
+    """Raise a clear error for a family whose real-image path is not implemented."""
+    if family not in SUPPORTED_FAMILIES:
+        raise MassactError(
+            f"real-image inputs are not supported for the {family!r} family yet; accepted: "
+            f"{', '.join(SUPPORTED_FAMILIES)} (generated trajectories work for every family)"
+        )
+
+
 def _pipe(model: Any) -> Any:
     return getattr(model, "pipeline", model)
 
@@ -268,6 +282,7 @@ def real_image_activations(
     if not isinstance(caption, str) or not caption.strip():
         raise MassactError("empty caption; accepted: a non-empty text")
     adapter = model_adapter(model)
+    check_supported(adapter.name)
     gen = resolve(generation or GenerationConfig(steps=1), model, adapter)
     pipe = _pipe(model)
     chosen = resolve_sites(sites_of(model), sites)

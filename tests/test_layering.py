@@ -34,6 +34,8 @@ def _imports(folder: Path, lib: str) -> list[str]:
 def test_only_tracing_imports_nnsight_and_only_viz_imports_plotly():
     for folder in ("massact_nn", "viz"):
         assert _imports(ROOT / folder, "nnsight") == [], folder
+    for lib in ("diffusers", "transformers"):  # lazy imports inside functions count too
+        assert _imports(ROOT / "massact_nn", lib) == [], lib
     for folder in ("massact_nn", "tracing"):
         assert _imports(ROOT / folder, "plotly") == [], folder
 

@@ -93,7 +93,7 @@ def test_planted_channel_is_found_top1_everywhere(planted_flux_dir):
     for row in st.summary():
         assert row["top"][0] == planted, row
         assert row["ratio_top1_median"] > 20
-        assert row["jaccard_prompts"] == pytest.approx(1.0) or row["top"][0] == planted
+        assert row["jaccard_prompts"] is not None and row["jaccard_prompts"] > 0.3
 
 
 def test_nonfinite_activation_is_reported(tiny_flux_dir):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 import pytest
@@ -110,13 +109,6 @@ def test_all_captions_enumerates_every_valid_triple_once():
     caps = W.all_captions()
     assert len(caps) == len(set(caps)) == len(W.COLOURS) * len(W.SHAPES) * (len(W.BG_COLOURS) - 1)
     assert all(W.parse_caption(c)["fg_colour"] != W.parse_caption(c)["bg_colour"] for c in caps)
-
-
-def test_sampling_is_fast():
-    start = time.perf_counter()
-    W.World(0).sample(5000, seed=0)
-    # Tens of thousands per minute is the requirement; this is ~100x slack on a busy core.
-    assert time.perf_counter() - start < 10.0
 
 
 def test_world_module_stays_free_of_heavy_dependencies():

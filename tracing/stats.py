@@ -86,7 +86,10 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
     for first, chunk in batches(prompts, gen.batch_size):
         acc.begin_batch(len(chunk))
         n = len(chunk)
-        with model.generate(chunk, **pipeline_kwargs(gen, chunk, first, device)) as tracer:
+        # Statistics need no pixels: skipping the VAE decode (and PIL conversion) saves a second per
+        # image on FLUX.1-dev at 1024² and is what keeps the overhead near zero.
+        kw = {"output_type": "latent", **pipeline_kwargs(gen, chunk, first, device)}
+        with model.generate(chunk, **kw) as tracer:
             for i in tracer.iter[: len(schedule)]:
                 call = schedule[i]
                 take = call.conditional or config.include_uncond

@@ -14,7 +14,6 @@ The last line reads ``stats/plain at 1024 tokens: <ratio>``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -37,13 +36,14 @@ def build(folder: Path, width: int, blocks: tuple[int, int]) -> Path:
                       head_dim=head_dim)
 
 
-def measure_memory(args, folder: Path, tokens: int, case: str) -> float | None:
+def measure_memory(args, folder: Path, tokens: int, case: str) -> tuple[float, float] | None:
+    """``(added, total)`` peak MiB of one run of ``case`` in a fresh process."""
     cmd = [sys.executable, __file__, "--child", case, "--folder", str(folder), "--tokens", str(tokens),
            "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in out.stdout.splitlines():
         if line.startswith("PEAK "):
-            return float(line.split()[1])
+            return float(line.split()[1]), float(line.split()[2])
     print(f"  memory run of {case} at {tokens} failed: {out.stderr.strip().splitlines()[-1:]}")
     return None
 
@@ -68,7 +68,8 @@ def child(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         fn(bench)
         torch.cuda.synchronize()
-        print(f"PEAK {(torch.cuda.max_memory_allocated() - base) / 2**20:.1f}")
+        peak = torch.cuda.max_memory_allocated()
+        print(f"PEAK {(peak - base) / 2**20:.1f} {peak / 2**20:.1f}")
         return
     import threading
 
@@ -84,7 +85,8 @@ def child(args) -> None:
     fn(bench)
     done.set()
     t.join()
-    print(f"PEAK {max(peak[0], _rss_mib()) - base:.1f}")
+    top = max(peak[0], _rss_mib())
+    print(f"PEAK {top - base:.1f} {top:.1f}")
 
 
 def main() -> None:
@@ -130,16 +132,20 @@ def main() -> None:
             mem = {} if args.no_memory else {c: measure_memory(args, folder, n, c) for c in cases}
             for c in cases:
                 t = statistics.median(times[c])
-                m = mem.get(c)
-                ratio = (m / mem["plain"]) if m and mem.get("plain") else None
+                added, total = mem.get(c) or (None, None)
+                base = mem.get("plain")
+                ratio = total / base[1] if total and base else None
                 rows.append({"tokens": n, "case": c, "seconds": t, "time_ratio": t / plain_t,
-                             "peak_mib": m, "mem_ratio": ratio, **bench.extra.get(c, {})})
-                mr = f"{rows[-1]['mem_ratio']:.3f}" if rows[-1]["mem_ratio"] else "  -  "
-                ms = f"{m:9.1f}" if m else "      -  "
+                             "peak_added_mib": added, "peak_total_mib": total, "mem_ratio": ratio,
+                             **bench.extra.get(c, {})})
+                mem_txt = (f"peak {total:8.1f} MiB (+{added:6.1f} in the run)  x{ratio:.3f}"
+                           if ratio else "peak -")
                 extra = "  ".join(f"{k}={v}" for k, v in bench.extra.get(c, {}).items())
-                print(f"  {c:<22} {t:8.3f}s  x{t / plain_t:6.3f}   peak +{ms} MiB  x{mr}  {extra}")
+                print(f"  {c:<22} {t:8.3f}s  x{t / plain_t:6.3f}   {mem_txt}  {extra}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        from massact_nn._io import save_json
+
+        save_json(args.json, rows)
     at = [r for r in rows if r["case"] == "stats" and r["tokens"] == 1024]
     if at:
         print(f"stats/plain at 1024 tokens: {at[0]['time_ratio']:.3f}")

@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from massact_nn import world as W
+from massact_nn._io import save_json
 
 DEFAULTS_FILE = "massact_toy.json"
 
@@ -243,7 +244,7 @@ def save_pipeline(
 def write_defaults(folder: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write ``massact_toy.json``: ``{"call": PIPELINE_DEFAULTS, **extra}``."""
     meta = {"call": PIPELINE_DEFAULTS, **(extra or {})}
-    Path(folder, DEFAULTS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    save_json(Path(folder, DEFAULTS_FILE), meta)
 
 
 def read_defaults(folder: str | Path) -> dict[str, Any]:

@@ -13,7 +13,6 @@ channel sets (1.0 = the same four channels for every prompt).
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from diffusers import FluxPipeline
 
 from massact_nn import world as W
+from massact_nn._io import save_json
 
 from . import build
 from .judge import load_judge, score, train_judge
@@ -207,7 +207,7 @@ def evaluate(
     if verbose:
         print(format_report(report))
     if out_json:
-        Path(out_json).write_text(json.dumps(report, indent=2) + "\n")
+        save_json(out_json, report)
     return report
 
 

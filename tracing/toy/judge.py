@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from massact_nn import world as W
+from massact_nn._io import save_json, save_tensors
 
 ATTRIBUTES = ("fg_colour", "shape", "bg_colour")
 """Attributes the judge predicts, in head order."""
@@ -107,7 +108,7 @@ def save_judge(net: JudgeNet, folder: str | Path) -> None:
     """Write ``judge.safetensors`` and ``judge.json`` into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / _WEIGHTS)
+    save_tensors(folder / _WEIGHTS, net.state_dict())
     meta = {
         "width": net.width,
         "attributes": list(ATTRIBUTES),
@@ -116,7 +117,7 @@ def save_judge(net: JudgeNet, folder: str | Path) -> None:
         "bg_colour": W.BG_COLOURS,
         "input": "float32 [B, 3, 32, 32] in [-1, 1]",
     }
-    (folder / _META).write_text(json.dumps(meta, indent=2) + "\n")
+    save_json(folder / _META, meta)
 
 
 def load_judge(folder: str | Path) -> JudgeNet:

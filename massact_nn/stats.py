@@ -245,6 +245,14 @@ class ChannelStats:
         """Whether per-step curves were collected."""
         return any(k.startswith("per_step_abs_mean/") for k in self.tensors)
 
+    def require_per_step(self) -> None:
+        """Raise a clear error unless per-step curves were collected."""
+        if not self.has_per_step:
+            raise MassactError(
+                "these statistics have no per-step curves; accepted: a run collected with "
+                "per_step=True (`massact stats --per-step`)"
+            )
+
     @property
     def k(self) -> int:
         """The k of the stored top-k sets."""

@@ -274,11 +274,7 @@ def step_evolution(
         sites: Module paths or layer indices (default: all).
         title: Figure title.
     """
-    if not stats.has_per_step:
-        raise MassactError(
-            "these statistics have no per-step curves; accepted: a run collected with "
-            "per_step=True (`massact stats --per-step`)"
-        )
+    stats.require_per_step()
     chosen = resolve_sites(stats.sites, sites)
     n = stats.k if n_channels is None else n_channels
     check_k(n, min(s.channels for s in chosen), what="n_channels")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from massact_nn.errors import MassactError, check_k
+from massact_nn.errors import check_k
 from massact_nn.sites import resolve_sites
 from massact_nn.stats import ChannelStats
 
@@ -33,11 +33,7 @@ def step_heatmap(
         sites: Module paths or layer indices (default: all).
         title: Figure title.
     """
-    if not stats.has_per_step:
-        raise MassactError(
-            "these statistics have no per-step curves; accepted: a run collected with "
-            "per_step=True (`massact stats --per-step`)"
-        )
+    stats.require_per_step()
     chosen = resolve_sites(stats.sites, sites)
     check_k(n_channels, min(s.channels for s in chosen), what="n_channels")
     mats, tops = [], []

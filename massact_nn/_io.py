@@ -71,6 +71,15 @@ def save_json(path: str | Path, obj: Any) -> None:
     atomic_write(path, write)
 
 
+def save_run(folder: str | Path, tensors: dict[str, torch.Tensor], metrics: Any, meta: dict) -> Path:
+    """Write a probe's run folder: ``result.safetensors``, ``metrics.json``, ``meta.json``."""
+    folder = Path(folder)
+    save_tensors(folder / "result.safetensors", tensors)
+    save_json(folder / "metrics.json", metrics)
+    save_json(folder / "meta.json", meta)
+    return folder
+
+
 def load_json(path: str | Path) -> Any:
     """Read a JSON file."""
     with open(path) as f:

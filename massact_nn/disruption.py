@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import load_json, load_tensors, save_json, save_tensors
+from ._io import load_json, load_tensors, save_run
 from .errors import MassactError, choice_error
 
 MODES = ("zero", "mean", "token_mean", "scale")
@@ -108,11 +108,8 @@ class DisruptionResult:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``result.safetensors``, ``metrics.json`` and ``meta.json`` (atomically)."""
-        folder = Path(folder)
-        save_tensors(folder / "result.safetensors", self.tensors())
-        save_json(folder / "metrics.json", self.metrics)
-        save_json(folder / "meta.json", {**self.meta, "kind": "disruption", "set_order": self.sets})
-        return folder
+        meta = {**self.meta, "kind": "disruption", "set_order": self.sets}
+        return save_run(folder, self.tensors(), self.metrics, meta)
 
     @classmethod
     def load(cls, folder: str | Path) -> DisruptionResult:

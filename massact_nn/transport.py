@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import load_json, load_tensors, save_json, save_tensors
+from ._io import load_json, load_tensors, save_run
 from .disruption import _read_meta
 from .errors import MassactError
 
@@ -159,12 +159,8 @@ class TransportResult:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``result.safetensors``, ``metrics.json`` and ``meta.json`` (atomically)."""
-        folder = Path(folder)
-        save_tensors(folder / "result.safetensors", self.tensors())
-        save_json(folder / "metrics.json", self.metrics)
         meta = {**self.meta, "kind": "transport", "channel_sites": list(self.channels)}
-        save_json(folder / "meta.json", meta)
-        return folder
+        return save_run(folder, self.tensors(), self.metrics, meta)
 
     @classmethod
     def load(cls, folder: str | Path) -> TransportResult:

@@ -34,6 +34,19 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file", default=None, help="text file, one prompt per line")
 
 
+def add_site_stats_args(p: argparse.ArgumentParser, unit: str = "site") -> None:
+    """``--k``, ``--sites``, ``--out``: shared by every statistics command (DiT and LLM)."""
+    p.add_argument("--k", type=int, default=4, help=f"top-k channels reported per {unit} (default 4)")
+    p.add_argument("--sites", nargs="*", default=None, help="module paths or layers (default all)")
+    p.add_argument("--out", required=True, help="run folder to write")
+
+
+def check_k_arg(k: int) -> None:
+    """Reject k < 1 before any model is loaded (the upper bound is checked per site later)."""
+    if k < 1:
+        raise MassactError(f"k={k} is out of range; accepted: 1..channels")
+
+
 def prompts_from(args: argparse.Namespace) -> list[str]:
     """Prompts from ``--prompt`` and ``--prompts-file`` (blank lines and ``#`` lines skipped)."""
     prompts = list(args.prompt or [])

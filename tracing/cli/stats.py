@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from massact_nn.errors import MassactError
-
 from ..model import load_model
 from ..stats import StatsConfig, collect_stats
-from .common import add_generation_args, add_model_args, add_prompt_args, generation_from, prompts_from
+from .common import (
+    add_generation_args,
+    add_model_args,
+    add_prompt_args,
+    add_site_stats_args,
+    check_k_arg,
+    generation_from,
+    prompts_from,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,19 +23,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_prompt_args(p)
     add_generation_args(p)
-    p.add_argument("--k", type=int, default=4, help="top-k reported per site (default 4)")
+    add_site_stats_args(p)
     p.add_argument("--per-step", action="store_true", help="also keep per-step abs_mean curves")
     p.add_argument("--include-uncond", action="store_true", help="count CFG unconditional rows too")
-    p.add_argument("--sites", nargs="*", default=None, help="module paths or layers (default all)")
-    p.add_argument("--out", required=True, help="run folder to write")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Collect and save statistics; print the per-site summary."""
     prompts = prompts_from(args)
-    if args.k < 1:
-        raise MassactError(f"k={args.k} is out of range; accepted: 1..channels")
+    check_k_arg(args.k)
     model = load_model(args.model, args.device, args.dtype)
     cfg = StatsConfig(
         generation=generation_from(args), k=args.k, per_step=args.per_step,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from massact_nn.errors import MassactError
-
-from ..cli.common import add_prompt_args, prompts_from
+from ..cli.common import add_prompt_args, add_site_stats_args, check_k_arg, prompts_from
 from .model import BUILTIN
 
 
@@ -23,12 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     add_prompt_args(p)
-    p.add_argument("--k", type=int, default=4, help="top-k channels reported per layer (default 4)")
+    add_site_stats_args(p, unit="layer")
     p.add_argument("--n-top", type=int, default=3, help="largest |h| entries kept per prompt and layer")
     p.add_argument("--keep", type=int, default=10, help="largest entries written per layer to llm.json")
     p.add_argument("--max-length", type=int, default=512, help="truncate prompts to this many tokens")
-    p.add_argument("--sites", nargs="*", default=None, help="module paths or layers (default all)")
-    p.add_argument("--out", required=True, help="run folder to write")
     p.set_defaults(func=run)
 
 
@@ -38,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from .stats import LLMStatsConfig, collect_llm_stats
 
     prompts = prompts_from(args)
-    if args.k < 1:
-        raise MassactError(f"k={args.k} is out of range; accepted: 1..channels")
+    check_k_arg(args.k)
     llm = load_llm(args.model, args.device, args.dtype)
     cfg = LLMStatsConfig(k=args.k, n_top=args.n_top, keep=args.keep, sites=args.sites,
                          max_length=args.max_length)

@@ -28,11 +28,31 @@ SIGNED = ("mean",)
 disruption writes. Not a magnitude, so viewers with log scales leave it out."""
 
 
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as a long tensor on ``device``.
+
+    Runs of equal length over consecutive values (the usual step pattern) are built on the device,
+    so no host-to-device copy waits on the GPU.
+    """
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and runs[-1][0] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    first, size = runs[0]
+    if all(r == [first + i, size] for i, r in enumerate(runs)):
+        # Elementwise only: repeat_interleave would read a size back from the device.
+        return torch.arange(len(runs) * size, device=device) // size + first
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 class _SiteAccumulator:
     """Running sums for one site (all tensors live on the model's device)."""
 
     def __init__(self, channels: int, steps: int, per_step: bool, device: torch.device) -> None:
         z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
+        self.channels = channels
         self.sum_abs_m = z(channels)
         self.sum_m = z(channels)
         self.sum_mean_abs = z(channels)
@@ -40,14 +60,15 @@ class _SiteAccumulator:
         self.count = 0
         self.step_sum = z(steps, channels) if per_step else None
         self.step_count = [0] * steps
-        self.nonfinite = torch.zeros(steps, dtype=torch.bool, device=device)
-        # Per-batch buffers, reset by begin_batch.
-        self.prompt_sum: torch.Tensor | None = None
-        self.step_sets: list[torch.Tensor | None] = []
-        # The step being accumulated: under true CFG with unconditional calls counted, one step
-        # spans two consecutive calls, and its top-k set must come from both.
-        self.cur_step: int | None = None
-        self.cur_sum: torch.Tensor | None = None
+        self.nonfinite = torch.zeros(steps, dtype=torch.int32, device=device)
+        # Per-batch: sum over a step's calls of each prompt's |token-mean|, for the per-prompt and
+        # per-step top-k sets (under true CFG with unconditional calls counted, one step spans
+        # two calls, and its set must come from both).
+        self.step_prompt_sum: torch.Tensor | None = None  # [steps, P_batch, channels]
+        self.seen_steps: set[int] = set()
+        # Reductions of updates not folded into the sums yet: (step, prompt_of_row, mean,
+        # sum |h|, max |h|, tokens).
+        self.pending: list[tuple] = []
         self.prompt_sets: list[torch.Tensor] = []  # [P_batch, k] per finished batch
         self.step_sets_done: list[torch.Tensor] = []  # [P_batch, S, k] per finished batch
 
@@ -55,12 +76,21 @@ class _SiteAccumulator:
 class StatsAccumulator:
     """Mergeable streaming statistics over (prompt, step) samples for a set of sites.
 
+    ``update`` runs inside the trace at every site and step, so it does the least work that
+    keeps nothing token-sized: three reductions over the tokens (mean, sum |h| and max |h|, each
+    one kernel reading ``h`` once). Folding them into the running sums, the per-step and
+    per-prompt sets and the finiteness check is batched over many updates (``flush_every``, and
+    at the end of a batch): per-call kernel launches and Python work, not arithmetic, are what a
+    wide model's GPU would otherwise wait on.
+
     Args:
-        sites: The sites to accumulate.
+        sites: Sites to accumulate.
         steps: Denoising steps per trajectory.
         k: Size of the per-prompt and per-step top-k sets kept for stability (Jaccard) summaries.
         per_step: Also keep ``per_step_abs_mean`` [steps × channels] per site.
         device: Where the running sums live (the model's device).
+        flush_every: Updates per site held as [rows, channels] reductions before they are folded
+            in (bounds that memory: ``3 × flush_every × rows × channels`` floats per site).
     """
 
     def __init__(
@@ -70,25 +100,31 @@ class StatsAccumulator:
         k: int = 4,
         per_step: bool = False,
         device: torch.device | str = "cpu",
+        flush_every: int = 32,
     ) -> None:
         if steps < 1:
             raise MassactError(f"steps={steps!r} is out of range; accepted: an integer >= 1")
+        if flush_every < 1:
+            raise MassactError(f"flush_every={flush_every!r} is out of range; accepted: an integer >= 1")
         self.sites = list(sites)
         for s in self.sites:
             check_k(k, s.channels)
         self.steps, self.k, self.per_step = steps, k, per_step
         self.device = torch.device(device)
+        self.flush_every = flush_every
         self._acc = {
             s.module: _SiteAccumulator(s.channels, steps, per_step, self.device) for s in self.sites
         }
         self._batch_prompts = 0
+        self._aranges: dict[int, torch.Tensor] = {}
 
     def begin_batch(self, prompts: int) -> None:
         """Start a batch of ``prompts`` trajectories (rows map to them via ``prompt_of_row``)."""
         self._batch_prompts = prompts
         for a, s in zip(self._acc.values(), self.sites):
-            a.prompt_sum = torch.zeros(prompts, s.channels, device=self.device)
-            a.step_sets = [None] * self.steps
+            a.step_prompt_sum = torch.zeros(self.steps, prompts, s.channels, device=self.device)
+            a.seen_steps = set()
+            a.pending = []
 
     def update(
         self, module: str, step: int, h: torch.Tensor, prompt_of_row: torch.Tensor | None = None
@@ -110,54 +146,76 @@ class StatsAccumulator:
             raise choice_error("site", module, self._acc)
         if not 0 <= step < self.steps:
             raise MassactError(f"step={step} is out of range; accepted: 0..{self.steps - 1}")
-        if h.ndim != 3 or h.shape[-1] != a.sum_abs_m.shape[0]:
+        if h.ndim != 3 or h.shape[-1] != a.channels:
             raise MassactError(
-                f"site {module}: expected image tokens [rows, tokens, {a.sum_abs_m.shape[0]}], "
-                f"got {tuple(h.shape)}"
+                f"site {module}: expected image tokens [rows, tokens, {a.channels}], got {tuple(h.shape)}"
             )
+        if a.step_prompt_sum is None:
+            raise MassactError("update() before begin_batch(); accepted: begin_batch, updates, end_batch")
+        rows = h.shape[0]
         if prompt_of_row is None:
-            prompt_of_row = torch.arange(h.shape[0], device=h.device)
-        m = torch.mean(h, dim=1, dtype=torch.float32).to(self.device)  # [R, C]
-        habs = h.abs()
-        mean_abs = torch.mean(habs, dim=1, dtype=torch.float32).to(self.device)
-        max_abs = habs.amax(dim=(0, 1)).float().to(self.device)
-        absm = m.abs()
-        a.sum_abs_m += absm.sum(0)
-        a.sum_m += m.sum(0)
-        a.sum_mean_abs += mean_abs.sum(0)
-        torch.maximum(a.max_abs, max_abs, out=a.max_abs)
-        a.count += h.shape[0]
-        a.nonfinite[step] |= ~torch.isfinite(max_abs).all()
-        if a.step_sum is not None:
-            a.step_sum[step] += absm.sum(0)
-        a.step_count[step] += h.shape[0]
-        rows = prompt_of_row.to(self.device).long()
-        per_prompt = torch.zeros_like(a.prompt_sum).index_add_(0, rows, absm)
-        a.prompt_sum += per_prompt
-        if a.cur_step == step:
-            a.cur_sum += per_prompt
-        else:
-            self._close_step(a)
-            a.cur_step, a.cur_sum = step, per_prompt
+            prompt_of_row = self._arange(rows)
+        # One kernel each, reading h once. On a GPU, bf16/fp16 in and float32 out is reduced
+        # without a float32 copy of h; a maximum is exact in h's own dtype.
+        s = torch.sum(h, dim=1, dtype=torch.float32)  # [R, C]
+        l1 = torch.linalg.vector_norm(h, ord=1, dim=1, dtype=torch.float32)
+        linf = torch.linalg.vector_norm(h, ord=float("inf"), dim=1)
+        a.pending.append((step, prompt_of_row, s, l1, linf, h.shape[1]))
+        a.seen_steps.add(step)
+        a.step_count[step] += rows
+        a.count += rows
+        if len(a.pending) >= self.flush_every:
+            self._flush(a)
 
-    def _close_step(self, a: _SiteAccumulator) -> None:
-        if a.cur_step is not None:
-            a.step_sets[a.cur_step] = torch.topk(a.cur_sum, self.k, dim=1).indices
-        a.cur_step, a.cur_sum = None, None
+    def _arange(self, n: int) -> torch.Tensor:
+        if n not in self._aranges:
+            self._aranges[n] = torch.arange(n, device=self.device)
+        return self._aranges[n]
+
+    def _flush(self, a: _SiteAccumulator) -> None:
+        """Fold the pending reductions into the sums: a fixed handful of kernels per flush."""
+        if not a.pending:
+            return
+        steps, prow, sums, l1s, lis, tokens = zip(*a.pending)
+        a.pending = []
+        dev = self.device
+        sums = torch.stack(sums).to(dev)  # [U, R, C]
+        l1 = torch.stack(l1s).to(dev)
+        linf = torch.stack(lis).to(dev).float()
+        prow = torch.stack(prow).to(dev).long()  # [U, R]
+        if len(set(tokens)) == 1:
+            per_token = 1.0 / tokens[0]
+        else:
+            per_token = 1.0 / torch.tensor(tokens, dtype=torch.float32, device=dev)[:, None, None]
+        m = sums * per_token  # token means
+        mean_abs = l1 * per_token
+        absm = m.abs()
+        a.sum_abs_m += absm.sum((0, 1))
+        a.sum_m += m.sum((0, 1))
+        a.sum_mean_abs += mean_abs.sum((0, 1))
+        torch.maximum(a.max_abs, linf.amax((0, 1)), out=a.max_abs)
+        st = _index(list(steps), dev)  # [U]
+        a.nonfinite.index_add_(0, st, (~torch.isfinite(linf).flatten(1).all(1)).int())
+        if a.step_sum is not None:
+            a.step_sum.index_add_(0, st, absm.sum(1))
+        flat = (st[:, None] * self._batch_prompts + prow).flatten()
+        a.step_prompt_sum.view(-1, a.channels).index_add_(0, flat, absm.flatten(0, 1))
 
     def end_batch(self) -> None:
         """Close a batch: keep each prompt's top-k set and per-step top-k sets."""
         for module, a in self._acc.items():
-            self._close_step(a)
-            missing = [i for i, s in enumerate(a.step_sets) if s is None]
+            self._flush(a)
+            missing = [s for s in range(self.steps) if s not in a.seen_steps]
             if missing:
                 raise MassactError(
                     f"site {module}: no activations seen at steps {missing}; the pipeline made "
                     f"fewer transformer calls than the {self.steps} steps asked for"
                 )
-            a.prompt_sets.append(torch.topk(a.prompt_sum, self.k, dim=1).indices.cpu())
-            a.step_sets_done.append(torch.stack(a.step_sets, 1).cpu())  # [P, S, k]
-            a.prompt_sum, a.step_sets = None, []
+            per = a.step_prompt_sum  # [S, P, C]
+            # Kept on the device until result(): one transfer for everything, not one per site.
+            a.prompt_sets.append(torch.topk(per.sum(0), self.k, dim=1).indices)
+            a.step_sets_done.append(torch.topk(per, self.k, dim=2).indices.transpose(0, 1))  # [P, S, k]
+            a.step_prompt_sum = None
 
     def check_finite(self) -> None:
         """Raise on the earliest (step, layer) whose activations were not finite.
@@ -165,9 +223,10 @@ class StatsAccumulator:
         The earliest one is where the problem starts: non-finite values then reach every later
         block and, through the latents, every later step.
         """
+        flags = torch.stack([a.nonfinite for a in self._acc.values()]).cpu()  # [sites, steps], one read
         bad = []
-        for layer, (module, a) in enumerate(self._acc.items()):
-            steps = a.nonfinite.nonzero().flatten().tolist()
+        for layer, module in enumerate(self._acc):
+            steps = flags[layer].nonzero().flatten().tolist()
             if steps:
                 bad.append((steps[0], layer, module, steps))
         if bad:
@@ -184,20 +243,35 @@ class StatsAccumulator:
         for module, a in self._acc.items():
             if a.count == 0:
                 raise MassactError(f"site {module}: no samples were accumulated")
-            t[f"abs_mean/{module}"] = (a.sum_abs_m / a.count).cpu()
-            t[f"mean_abs/{module}"] = (a.sum_mean_abs / a.count).cpu()
-            t[f"mean/{module}"] = (a.sum_m / a.count).cpu()
-            t[f"max_abs/{module}"] = a.max_abs.cpu()
+            t[f"abs_mean/{module}"] = a.sum_abs_m / a.count
+            t[f"mean_abs/{module}"] = a.sum_mean_abs / a.count
+            t[f"mean/{module}"] = a.sum_m / a.count
+            t[f"max_abs/{module}"] = a.max_abs
             if a.step_sum is not None:
                 counts = torch.tensor(a.step_count, dtype=torch.float32).clamp_min(1)
-                t[f"per_step_abs_mean/{module}"] = (a.step_sum.cpu() / counts[:, None])
+                t[f"per_step_abs_mean/{module}"] = a.step_sum / counts.to(a.step_sum.device)[:, None]
             t[f"prompt_topk/{module}"] = torch.cat(a.prompt_sets)
             t[f"step_topk/{module}"] = torch.cat(a.step_sets_done)
+        t = _to_host(t)
+        for module, a in self._acc.items():
             t[f"count/{module}"] = torch.tensor([a.count], dtype=torch.int64)
             t[f"step_count/{module}"] = torch.tensor(a.step_count, dtype=torch.int64)
         meta = dict(meta or {})
         meta.update(k=self.k, steps=self.steps, per_step=self.per_step)
         return ChannelStats(sites=list(self.sites), tensors=t, meta=meta)
+
+
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors on the CPU, moved in one transfer per dtype (each transfer waits on the GPU)."""
+    out: dict[str, torch.Tensor] = {}
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for key, x in tensors.items():
+        by_dtype.setdefault(x.dtype, []).append(key)
+    for keys in by_dtype.values():
+        flat = torch.cat([tensors[k].reshape(-1) for k in keys]).cpu()
+        for k, part in zip(keys, flat.split([tensors[k].numel() for k in keys])):
+            out[k] = part.reshape(tensors[k].shape).clone()
+    return {k: out[k] for k in tensors}
 
 
 @dataclass

@@ -144,3 +144,37 @@ def test_step_sets_combine_two_calls_of_one_step():
     acc.end_batch()
     # channel 1: 3 + 2 = 5 beats channel 4: 2.5; the second call alone would pick channel 4.
     assert acc.result().tensors["step_topk/blocks.0"].tolist() == [[[1]]]
+
+
+@pytest.mark.parametrize("flush_every", [1, 3, 32])
+def test_deferred_folding_is_exact_for_any_flush_interval(flush_every):
+    """Reductions are folded in batches; where the batches end must not change any result.
+
+    Two calls per step (uncond then cond rows of 2 prompts, as under true CFG with both counted),
+    a planted non-finite value at step 2, and per-step/per-prompt sets, against a hand computation.
+    """
+    g = torch.Generator().manual_seed(5)
+    steps, prompts = 4, 2
+    x = torch.randn(steps, 2, prompts, 7, 6, generator=g)  # [step, call, prompt, token, channel]
+    x[2, 1, 0, 3, 4] = float("inf")
+    acc = StatsAccumulator(SITES[:1], steps=steps, k=2, per_step=True, flush_every=flush_every)
+    acc.begin_batch(prompts)
+    for step in range(steps):
+        for call in range(2):
+            acc.update("blocks.0", step, x[step, call], torch.tensor([0, 1]))
+    acc.end_batch()
+    with pytest.raises(MassactError, match="site blocks.0, step 2"):
+        acc.result()
+    a = acc._acc["blocks.0"]
+    m = x.mean(3)  # [S, 2, P, C]
+    torch.testing.assert_close(a.sum_abs_m / a.count, m.abs().mean((0, 1, 2)))
+    torch.testing.assert_close(a.step_sum, m.abs().sum((1, 2)))
+    assert a.nonfinite.tolist() == [0, 0, 1, 0] and a.step_count == [4, 4, 4, 4]
+    want_steps = torch.topk(m.abs().sum(1), 2, dim=2).indices.transpose(0, 1)  # [P, S, k]
+    assert torch.equal(a.step_sets_done[0], want_steps)
+
+
+def test_update_before_begin_batch_is_named():
+    acc = StatsAccumulator(SITES, steps=1)
+    with pytest.raises(MassactError, match="begin_batch"):
+        acc.update("blocks.0", 0, torch.zeros(1, 2, 6))

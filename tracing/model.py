@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from importlib.metadata import PackageNotFoundError, version
@@ -115,6 +116,12 @@ def model_name(model: Any) -> str:
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries a result depends on, for run metadata."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    # Reading package metadata parses files (~8 ms): once per process, not once per run.
     out = {}
     for pkg in ("massact-nn", "torch", "nnsight", "diffusers", "transformers"):
         try:

@@ -30,7 +30,9 @@ def ablate(
     """A new tensor with ``channels`` of every image token replaced by the chosen mode.
 
     Channels are indexed with one tensor (no per-channel loop) and the input is never edited in
-    place (nnsight invokes and Flux single blocks hand out views and copies).
+    place (nnsight invokes and Flux single blocks hand out views and copies). Ids on the CPU are
+    range-checked here; ids already on the model's device are taken as checked (see
+    :func:`check_channel_ids`), since reading them back would stall the GPU at every call.
 
     Args:
         h: Image-stream tokens.
@@ -50,13 +52,13 @@ def ablate(
         raise MassactError(f"expected image tokens [rows, tokens, channels], got {tuple(h.shape)}")
     if channels.numel() == 0:
         return h
+    if channels.device.type == "cpu":  # checked where it costs no device-to-host sync
+        check_channel_ids(channels, h.shape[-1])
     ch = channels.to(h.device).long()
-    if int(ch.max()) >= h.shape[-1] or int(ch.min()) < 0:
-        raise MassactError(f"channel ids {ch.tolist()} out of range; accepted: 0..{h.shape[-1] - 1}")
-    sel = h.index_select(-1, ch)  # [rows, tokens, k]
     if mode == "zero":
-        new = torch.zeros_like(sel)
-    elif mode == "scale":
+        return h.clone().index_fill_(-1, ch, 0)
+    sel = h.index_select(-1, ch)  # [rows, tokens, k]
+    if mode == "scale":
         new = sel * alpha
     elif mode == "token_mean":
         new = sel.mean(1, keepdim=True).expand_as(sel)
@@ -73,6 +75,16 @@ def ablate(
     out = h.clone()
     out[..., ch] = new.to(h.dtype)
     return out
+
+
+def check_channel_ids(channels: torch.Tensor, width: int) -> None:
+    """Raise unless every id is in ``0..width-1`` (reads the values: keep ``channels`` on the CPU).
+
+    Shapes:
+        channels: [k].
+    """
+    if channels.numel() and (int(channels.max()) >= width or int(channels.min()) < 0):
+        raise MassactError(f"channel ids {channels.tolist()} out of range; accepted: 0..{width - 1}")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from massact_nn.disruption import MODES, DisruptionResult, ablate
+from massact_nn.disruption import MODES, DisruptionResult, ablate, check_channel_ids
 from massact_nn.errors import MassactError, check_k, choice_error
 from massact_nn.images import grid, save_png
 from massact_nn.metrics import mse, psnr, summarise
@@ -114,6 +114,10 @@ def generate_images(
     device = model.pipeline.transformer.device
     edit = {m: e for m, e in (edit or {}).items() if e[0].numel()}
     sites = [s for s in plan.sites if s.module in edit]
+    # Checked once here, then moved once: a host-to-device copy inside the loop waits on the GPU.
+    for s in sites:
+        check_channel_ids(edit[s.module][0].cpu(), s.channels)
+    edit = {m: (ch.to(device).long(), None if v is None else v.to(device)) for m, (ch, v) in edit.items()}
     blocks = {s.module: model.transformer.get(s.module) for s in sites}
     n_calls = max((c.index for c in plan.schedule if plan.active(c)), default=-1) + 1
     chunks = []

@@ -81,14 +81,58 @@ def blend(target: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, alpha:
     return torch.where(m, mixed, target)
 
 
-def gather(h: torch.Tensor, tokens: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+def gather(
+    h: torch.Tensor, tokens: torch.Tensor, channels: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Only the masked entries of an image stream (what a two-pass transport stores).
 
+    One indexing kernel, whatever the number of rows, tokens and channels.
+
     Shapes:
-        h: [rows, tokens, channels]; tokens: [n_p] ids; channels: [k] ids -> [rows, n_p, k].
+        h: [R, tokens, channels]; tokens: [n_p] ids; channels: [k] ids; rows: [r] ids (``None``:
+        every row) -> [r, n_p, k].
     """
     dev = h.device
-    return h.index_select(1, tokens.to(dev)).index_select(2, channels.to(dev))
+    ti, ci = tokens.to(dev), channels.to(dev)
+    if rows is None:
+        return h[:, ti[:, None], ci[None, :]]
+    return h[rows.to(dev)[:, None, None], ti[None, :, None], ci[None, None, :]]
+
+
+def scatter_blend_(
+    out: torch.Tensor,
+    stored: torch.Tensor,
+    tokens: torch.Tensor,
+    channels: torch.Tensor,
+    alpha: float = 1.0,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Blend stored entries (from :func:`gather`) into ``out`` in place, and return ``out``.
+
+    ``out[rows][:, p, m] ← out[rows][:, p, m] (1 − α) + stored α``: only the ``|p| × k`` entries
+    are touched, so the cost does not grow with the width of the model. With ``α = 1`` they are
+    copied exactly.
+
+    Shapes:
+        out: [R, tokens, channels]; stored: [r, n_p, k]; tokens: [n_p]; channels: [k];
+        rows: [r] ids (``None``: every row, r = R).
+    """
+    r, n_p, k = stored.shape
+    want = out.shape[0] if rows is None else rows.numel()
+    if r != want or n_p != tokens.numel() or k != channels.numel():
+        raise MassactError(f"stored source entries {tuple(stored.shape)} do not fit the target "
+                           f"{tuple(out.shape)} with {want} rows x {tokens.numel()} tokens x "
+                           f"{channels.numel()} channels")
+    check_alpha(alpha)
+    dev = out.device
+    ti, ci = tokens.to(dev), channels.to(dev)
+    if rows is None:
+        idx = (slice(None), ti[:, None], ci[None, :])
+    else:
+        idx = (rows.to(dev)[:, None, None], ti[None, :, None], ci[None, None, :])
+    src = stored.to(dev, out.dtype)
+    out[idx] = src if alpha == 1.0 else out[idx] * (1 - alpha) + src * alpha
+    return out
 
 
 def scatter_blend(
@@ -105,20 +149,7 @@ def scatter_blend(
     Shapes:
         target: [rows, tokens, channels]; stored: [rows, n_p, k] -> like target.
     """
-    rows, n_p, k = stored.shape
-    if rows != target.shape[0] or n_p != tokens.numel() or k != channels.numel():
-        raise MassactError(f"stored source entries {tuple(stored.shape)} do not fit the target "
-                           f"{tuple(target.shape)} with {tokens.numel()} tokens x "
-                           f"{channels.numel()} channels")
-    check_alpha(alpha)
-    dev = target.device
-    ti, ci = tokens.to(dev)[:, None], channels.to(dev)[None, :]
-    cur = target[:, ti, ci]
-    src = stored.to(dev, target.dtype)
-    new = src if alpha == 1.0 else cur * (1 - alpha) + src * alpha
-    out = target.clone()
-    out[:, ti, ci] = new
-    return out
+    return scatter_blend_(target.clone(), stored, tokens, channels, alpha)
 
 
 def check_alpha(alpha: float) -> float:
@@ -134,7 +165,8 @@ class TransportResult:
 
     Attributes:
         source: Source image(s) (generated, or the real image's reconstruction). Shapes: [n, 3, H, W].
-        target: Target without transport. Shapes: [n, 3, H, W].
+        target: Target without transport (``None`` for a run without the control rows).
+            Shapes: [n, 3, H, W].
         result: Target with transport. Shapes: [n, 3, H, W].
         token_mask: Token mask ``p`` on the token grid. Shapes: [rows, cols] bool.
         channels: Per site module path, the transported channel ids ``m``. Shapes: [k].
@@ -143,7 +175,7 @@ class TransportResult:
     """
 
     source: torch.Tensor
-    target: torch.Tensor
+    target: torch.Tensor | None
     result: torch.Tensor
     token_mask: torch.Tensor
     channels: dict[str, torch.Tensor]
@@ -152,8 +184,9 @@ class TransportResult:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat tensor dict for safetensors."""
-        t = {"source": self.source, "target": self.target, "result": self.result,
-             "token_mask": self.token_mask.bool()}
+        t = {"source": self.source, "result": self.result, "token_mask": self.token_mask.bool()}
+        if self.target is not None:
+            t["target"] = self.target
         t.update({f"channels/{m}": c.long() for m, c in self.channels.items()})
         return t
 
@@ -171,7 +204,7 @@ class TransportResult:
         order = meta.pop("channel_sites")
         meta.pop("kind", None)
         return cls(
-            source=t["source"], target=t["target"], result=t["result"], token_mask=t["token_mask"],
+            source=t["source"], target=t.get("target"), result=t["result"], token_mask=t["token_mask"],
             channels={m: t[f"channels/{m}"] for m in order},
             metrics=load_json(folder / "metrics.json"), meta=meta,
         )

@@ -8,7 +8,7 @@ import torch
 from massact_nn.tracing.cli.main import main as cli
 from massact_nn.tracing.generation import GenerationConfig
 from massact_nn.tracing.probes.transport import ImageSource, TransportConfig, save_transport, transport
-from massact_nn.tracing.probes.transport_parts import resolve_token_mask, rows_of
+from massact_nn.tracing.probes.transport_parts import group_rows, mask_groups, resolve_token_mask, rows_of
 from massact_nn.tracing.sites import sites_of
 from massact_nn.tracing.stats import StatsConfig, collect_stats
 
@@ -21,6 +21,7 @@ from massact_nn.transport import (
     gather,
     joint_mask,
     scatter_blend,
+    scatter_blend_,
     token_mask,
 )
 
@@ -51,6 +52,32 @@ def test_two_pass_storage_equals_blend():
     assert stored.shape == (2, 3, 2)
     for a in (1.0, 0.4):
         torch.testing.assert_close(scatter_blend(t, stored, tok, ch, a), blend(t, s, M, a))
+    # Row-indexed, in place: rows 0 and 2 of a 4-row batch take rows 3 and 1 (one batch holding
+    # sources and results); the other rows and the unmasked entries stay bit-identical.
+    h = torch.randn(4, 6, 5)
+    src, dst = torch.tensor([3, 1]), torch.tensor([0, 2])
+    got = gather(h, tok, ch, src)
+    assert torch.equal(got, gather(h[src], tok, ch))
+    for a in (1.0, 0.4):
+        out = h.clone()
+        assert scatter_blend_(out, got, tok, ch, a, dst) is out
+        torch.testing.assert_close(out[dst], blend(h[dst], h[src], M, a))
+        assert torch.equal(out[[1, 3]], h[[1, 3]])
+    with pytest.raises(MassactError, match="do not fit"):
+        scatter_blend_(h.clone(), got, tok, ch, 1.0, torch.tensor([0]))
+
+
+def test_mask_groups_and_rows():
+    p = torch.zeros(3, 2, 2, dtype=torch.bool)
+    p[0, 0] = p[2, 0] = True
+    p[1, 1, 1] = True
+    groups = mask_groups(p)
+    assert [g for g, _ in groups] == [[0, 2], [1]]
+    assert groups[0][1].tolist() == [0, 1] and groups[1][1].tolist() == [3]
+    assert [g for g, _ in mask_groups(p, per_pair=True)] == [[0], [1], [2]]
+    # 3 pairs x 2 copies; batched CFG puts [uncond copies; cond copies]: 12 rows.
+    assert group_rows([0, 2], 1, 3, 2, False).tolist() == [3, 5]
+    assert group_rows([0, 2], 1, 3, 2, True).tolist() == [3, 5, 9, 11]
 
 
 def test_pure_shape_checks():
@@ -147,6 +174,64 @@ def test_modes_agree_on_a_partial_transport(tiny_flux, stats_dir, tmp_path):
     assert back.channels.keys() == b.channels.keys() and back.metrics == b.metrics
     assert back.meta["target_prompts"] == TGT
     assert all((tmp_path / "run" / f"{n}.png").is_file() for n in ("source", "target", "result", "mask"))
+
+
+@pytest.mark.parametrize("mode", ["batched", "two_pass"])
+def test_without_control_rows_the_result_is_the_same(tiny_flux, stats_dir, every_channel, mode, tmp_path):
+    # Leaving out the untouched target rows (two rows per pair in batched mode) must not change
+    # the result: each row keeps its pair's generator, only the batch shrinks.
+    p = torch.zeros(8, 8, dtype=torch.bool)
+    p[:, 3:] = True
+    kw = dict(generation=GEN, k=3, token_mask=p, alpha=0.7, steps="1:", mode=mode, progress=False)
+    a = transport(tiny_flux, SRC, TGT, stats_dir, TransportConfig(**kw))
+    b = transport(tiny_flux, SRC, TGT, stats_dir, TransportConfig(control=False, **kw))
+    assert b.target is None and b.meta["control"] is False and a.meta["control"] is True
+    torch.testing.assert_close(b.result, a.result, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.source, a.source, rtol=1e-4, atol=1e-5)
+    assert (a.result - a.target).abs().max() > 1e-4, "the transport must change the target to mean much"
+    assert "to_target" not in b.metrics
+    for part in ("all", "inside", "outside"):
+        assert b.metrics["to_source"][part] == pytest.approx(a.metrics["to_source"][part], rel=1e-3, abs=1e-7)
+    save_transport(b, tmp_path / "run")
+    back = TransportResult.load(tmp_path / "run")
+    assert back.target is None and torch.equal(back.result, b.result)
+    assert not (tmp_path / "run" / "target.png").exists() and (tmp_path / "run" / "result.png").is_file()
+    full = TransportConfig(generation=GEN, channels=every_channel, mode=mode, copy_norm_out=True,
+                           control=False, progress=False)
+    r = transport(tiny_flux, SRC, TGT, None, full)
+    assert torch.equal(r.result, r.source)
+
+
+def test_two_row_batch_under_batched_cfg(tmp_path):
+    # PixArt runs guidance as [uncond rows; cond rows] in one call: the two-row layout must pick
+    # the source's and the result's rows in both halves.
+    from massact_nn.tracing.model import load_model
+    from massact_nn.tracing.testing.tiny import BUILDERS
+
+    BUILDERS["pixart"](tmp_path / "pixart", seed=0, plant=None)
+    model = load_model(tmp_path / "pixart")
+    g = GenerationConfig(steps=2, seed=5, height=32, width=32, guidance_scale=3.0)
+    chans = {s.module: torch.arange(s.channels) for s in sites_of(model)}
+    kw = dict(generation=g, channels=chans, copy_norm_out=True, progress=False)
+    with_ctl = transport(model, SRC, TGT, None, TransportConfig(**kw))
+    without = transport(model, SRC, TGT, None, TransportConfig(control=False, **kw))
+    assert (with_ctl.target - with_ctl.source).abs().max() > 1e-3
+    for r in (with_ctl, without):
+        torch.testing.assert_close(r.result, r.source, rtol=1e-4, atol=1e-5)
+    part = dict(kw, channels={m: c[:3] for m, c in chans.items()}, copy_norm_out=False)
+    a = transport(model, SRC, TGT, None, TransportConfig(**part))
+    b = transport(model, SRC, TGT, None, TransportConfig(control=False, **part))
+    torch.testing.assert_close(b.result, a.result, rtol=1e-4, atol=1e-5)
+    assert (a.result - a.target).abs().max() > 1e-4 and (a.result - a.source).abs().max() > 1e-4
+
+
+def test_cli_no_control(tiny_flux_dir, stats_dir, tmp_path, capsys):
+    code = cli(["transport", "--model", str(tiny_flux_dir), "--stats", str(stats_dir), "--num-steps", "2",
+                "--height", "32", "--width", "32", "--source-prompt", "a red cat", "--target-prompt", "a dog",
+                "--no-control", "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert code == 0 and "result -> source" in out and "result -> target" not in out
+    assert TransportResult.load(tmp_path / "o").target is None
 
 
 def test_image_conditioned_transport(tiny_flux, stats_dir, tmp_path):

@@ -130,6 +130,22 @@ def test_transport_strip_shows_source_target_result_and_mask():
     assert any("a yellow circle → a red circle" in a.text for a in fig.layout.annotations)
 
 
+def test_transport_strip_without_control_rows_has_no_target_column():
+    import dataclasses
+
+    r = transport_result()
+    r = dataclasses.replace(r, target=None, metrics={k: v for k, v in r.metrics.items() if k != "to_target"})
+    fig = transport_strip(r)
+    images = [t for t in fig.data if t.type == "image"]
+    assert [t.hovertemplate.split(":")[0].split("<")[0] for t in images] == ["source", "result", "result"]
+    px = _decode(images[1].source)
+    f = px.shape[0] // SIZE
+    np.testing.assert_allclose(px[::f, ::f], (r.result[0].permute(1, 2, 0).numpy() * 255).round(), atol=1)
+    assert "no untouched target" in fig.layout.title.text
+    assert [a.text for a in fig.layout.annotations][:3] == [
+        "source", "result (target with source channels)", "token mask p over the result"]
+
+
 def test_mask_viewer_rejects_a_truth_of_the_wrong_shape():
     from massact_nn.errors import MassactError
 

@@ -177,26 +177,30 @@ def transport_strip(result: TransportResult, max_rows: int = 4, title: str | Non
     meta = result.meta
     srcs = _prompts(meta, "source")
     tgts = _prompts(meta, "target")
-    names = ["source", "target", "result (target with source channels)",
-             "token mask p over the result"]
+    # A run without the control rows (``target is None``) has no untouched target to show.
+    panels = [("source", "source: {src}", result.source), ("target", "target: {tgt}", result.target),
+              ("result (target with source channels)", "result: {tgt} with channels of {src}",
+               result.result)]
+    panels = [x for x in panels if x[2] is not None]
+    ncol = len(panels) + 1
+    names = [x[0] for x in panels] + ["token mask p over the result"]
     row_titles = [f"{_esc(_short(srcs[i] if i < len(srcs) else '?', 24))} → "
                   f"{_esc(_short(tgts[i] if i < len(tgts) else '?', 24))}" for i in range(n)]
-    fig = make_subplots(rows=n, cols=4, subplot_titles=names + [""] * (4 * (n - 1)),
+    fig = make_subplots(rows=n, cols=ncol, subplot_titles=names + [""] * (ncol * (n - 1)),
                         row_titles=row_titles, horizontal_spacing=0.015, vertical_spacing=0.03)
     chans = _channels_text(result.channels)
     for i in range(n):
         src = _esc(srcs[i] if i < len(srcs) else "")
         tgt = _esc(tgts[i] if i < len(tgts) else "")
-        for j, (lab, img) in enumerate([(f"source: {src}", result.source),
-                                        (f"target: {tgt}", result.target),
-                                        (f"result: {tgt} with channels of {src}", result.result)]):
-            fig.add_trace(image_trace(img[min(i, img.shape[0] - 1)], (rows, cols), hover=lab),
+        for j, (_, lab, img) in enumerate(panels):
+            fig.add_trace(image_trace(img[min(i, img.shape[0] - 1)], (rows, cols),
+                                      hover=lab.format(src=src, tgt=tgt)),
                           row=i + 1, col=j + 1)
-        fig.add_trace(image_trace(result.result[i], (rows, cols), hover="result"), row=i + 1, col=4)
+        fig.add_trace(image_trace(result.result[i], (rows, cols), hover="result"), row=i + 1, col=ncol)
         for tr in mask_traces(masks[min(i, masks.shape[0] - 1)], f"transported channels:<br>{chans}",
                               inside="transported (in p)", outside="kept (outside p)"):
-            fig.add_trace(tr, row=i + 1, col=4)
-    image_axes(fig, n, 4, (rows, cols))
+            fig.add_trace(tr, row=i + 1, col=ncol)
+    image_axes(fig, n, ncol, (rows, cols))
     fig.update_layout(
         title=dict(text=title or f"Transport · {_transport_line(result.metrics)}"),
         height=130 + 290 * n, font=FONT, template="plotly_white",
@@ -223,10 +227,13 @@ def _prompts(meta: dict, side: str) -> list[str]:
 def _transport_line(m: dict) -> str:
     """The few numbers that say whether transport worked, for the title."""
     src, tgt = m.get("to_source"), m.get("to_target")
-    if not (isinstance(src, dict) and isinstance(tgt, dict)):
+    if not isinstance(src, dict):
         return _metrics_line(m, limit=4)
-    parts = [f"MSE to source inside p {fmt(src.get('inside'))}",
-             f"to target outside p {fmt(tgt.get('outside'))}"]
+    parts = [f"MSE to source inside p {fmt(src.get('inside'))}"]
+    if isinstance(tgt, dict):
+        parts.append(f"to target outside p {fmt(tgt.get('outside'))}")
+    else:
+        parts.append("no untouched target (run without control rows)")
     if isinstance(m.get("token_fraction"), (int, float)):
         parts.append(f"p covers {100 * m['token_fraction']:.0f}% of tokens")
     return " · ".join(parts)

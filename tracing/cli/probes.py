@@ -90,6 +90,9 @@ def _register_transport(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=1.0, help="blend factor (1 = replace)")
     p.add_argument("--mode", default="batched", help="batched | two_pass (default batched)")
     p.add_argument("--copy-norm-out", action="store_true", help="also copy norm_out's output in p")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the untouched target rows (2 rows per pair in batched mode; "
+                   "no target image or target-side metrics)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.set_defaults(func=run_transport)
 
@@ -131,17 +134,18 @@ def run_transport(args: argparse.Namespace) -> int:
         generation=generation_from_probe_args(args), k=args.k, channels=channels,
         token_mask=args.mask if len(args.mask) > 1 else args.mask[0], alpha=args.alpha,
         mode=args.mode, copy_norm_out=args.copy_norm_out, sites=parse_sites(args.sites),
-        steps=args.steps,
+        steps=args.steps, control=not args.no_control,
     )
     result = transport(model, source, args.target_prompt, stats, cfg)
     save_transport(result, args.out)
     m = result.metrics
     print(f"result -> source: mse {m['to_source']['all']:.5f} (inside p {m['to_source']['inside']}, "
           f"outside {m['to_source']['outside']})")
-    print(f"result -> target: mse {m['to_target']['all']:.5f} (inside p {m['to_target']['inside']}, "
-          f"outside {m['to_target']['outside']})")
+    if "to_target" in m:
+        print(f"result -> target: mse {m['to_target']['all']:.5f} (inside p {m['to_target']['inside']}, "
+              f"outside {m['to_target']['outside']})")
     if "moved" in m:
-        print(f"judge: moved {m['moved']}, kept {m['kept']}, already {m['already']}")
+        print(f"judge: moved {m['moved']}, kept {m.get('kept', '-')}, already {m.get('already', '-')}")
     if args.mode == "two_pass":
         print(f"stored {result.meta['stored_bytes']} bytes (full hidden states: {result.meta['full_bytes']})")
     print(f"wrote {args.out}")

@@ -9,7 +9,9 @@ Two execution modes. ``batched``: one generation of ``[sources; targets; results
 identical generators per pair (design notes, pitfall 9); at each site the result rows are rebuilt
 from the source rows and the whole output is assigned; nothing is stored. ``two_pass``: pass 1
 generates the sources and keeps only the masked entries ``[rows, tokens in p, k]`` per site and
-call; pass 2 generates targets and results and injects them.
+call; pass 2 generates targets and results and injects them. With ``control=False`` the untouched
+target rows are left out (``[sources; results]`` in one batch: two rows per pair, the least a
+trajectory-to-trajectory transport can cost).
 """
 
 from __future__ import annotations
@@ -24,16 +26,17 @@ from tqdm.auto import tqdm
 
 from massact_nn.errors import MassactError, choice_error
 from massact_nn.stats import ChannelStats
-from massact_nn.transport import TransportResult, blend, check_alpha, gather, scatter_blend
+from massact_nn.transport import TransportResult, check_alpha, gather, scatter_blend_
 
 from ..adapters import read_image, write_image
 from ..generation import GenerationConfig
 from .common import Plan, channel_sets, find_judge, load_stats, make_plan, probe_meta, write_pngs
 from .transport_parts import (
     ImageSource,
+    group_rows,
+    mask_groups,
     mask_keywords,
     resolve_token_mask,
-    rows_of,
     segmentation_masks,
     transport_metrics,
 )
@@ -63,6 +66,10 @@ class TransportConfig:
             transport is not an identity (design notes, pitfall 10).
         sites: Module paths or layer indices (``None``: every site).
         steps: Denoising steps to transport at (``"a:b"``, a list, or ``None`` for all).
+        control: Also generate the untouched target (what the target-side metrics and the
+            judge's ``kept``/``already`` compare against). ``False`` leaves those rows out: a
+            batched transport is then two rows per pair instead of three, the result's ``target``
+            is ``None`` and only the source-side metrics are reported.
         judge: Read the result's attributes with the toy's judge: ``True`` when the model folder
             ships one, or a judge folder.
         progress: Show a tqdm bar over generations.
@@ -77,6 +84,7 @@ class TransportConfig:
     copy_norm_out: bool = False
     sites: Sequence[str | int] | None = None
     steps: str | Sequence[int] | None = None
+    control: bool = True
     judge: bool | str | Path = True
     progress: bool = True
 
@@ -99,7 +107,8 @@ def transport(
         config: What to transport.
 
     Returns:
-        A :class:`TransportResult` with ``[pairs, 3, H, W]`` images; ``meta["stored_bytes"]``
+        A :class:`TransportResult` with ``[pairs, 3, H, W]`` images (``target`` is ``None`` with
+        ``config.control=False``); ``meta["stored_bytes"]``
         (two-pass) versus ``meta["full_bytes"]`` (full hidden states at the same sites and calls).
     """
     config = config or TransportConfig()
@@ -152,12 +161,13 @@ def transport(
         out.append(tuple(imgs))
         nbytes = {k: nbytes[k] + nb[k] for k in nbytes}
     bar.close()
-    src, tgt, res = (torch.cat([o[i] for o in out]) for i in range(3))
+    src, res = torch.cat([o[0] for o in out]), torch.cat([o[2] for o in out])
+    tgt = torch.cat([o[1] for o in out]) if config.control else None
     metrics = transport_metrics(src, tgt, res, p, judge)
     meta = probe_meta(
         model, plan, source_prompts=sources, target_prompts=targets, mode=config.mode,
         alpha=config.alpha, k=config.k if config.channels is None else None,
-        copy_norm_out=config.copy_norm_out,
+        copy_norm_out=config.copy_norm_out, control=config.control,
         token_mask=_describe_mask(config.token_mask),
         source_image=None if not image_source else _describe(source), judge=judge is not None,
         **nbytes,
@@ -204,17 +214,6 @@ def _channels(plan: Plan, stats: Any, config: TransportConfig) -> dict[str, torc
     return channel_sets(load_stats(stats), plan.sites, "top", config.k)
 
 
-def _masks(plan: Plan, channels: dict[str, torch.Tensor], p: torch.Tensor, device: Any) -> dict:
-    """Per site, the joint mask per pair ``[pairs, tokens, channels]`` (bool)."""
-    flat = p.reshape(p.shape[0], -1).to(device)
-    out = {}
-    for s in plan.sites:
-        m = torch.zeros(s.channels, dtype=torch.bool, device=device)
-        m[channels[s.module].to(device)] = True
-        out[s.module] = flat[:, :, None] & m[None, None, :]
-    return out
-
-
 def _generate(
     model: Any, plan: Plan, prompts: list[str], gens: list[torch.Generator], body: Any
 ) -> torch.Tensor:
@@ -233,87 +232,35 @@ def _pair_gens(plan: Plan, n: int, copies: int, device: Any) -> list[torch.Gener
     return [torch.Generator(device).manual_seed(plan.gen.seed + j) for _ in range(copies) for j in range(n)]
 
 
+def _groups(plan: Plan, p: torch.Tensor, n: int, copies: int, src_copy: int | None, per_pair: bool,
+            device: Any) -> list[dict]:
+    """Per group of pairs sharing a token mask: its token ids and source/result rows (on device)."""
+    out = []
+    for pairs, tokens in mask_groups(p, per_pair):
+        g = {"tokens": tokens.to(device),
+             "res": group_rows(pairs, copies - 1, n, copies, plan.batched_cfg).to(device)}
+        if src_copy is not None:
+            g["src"] = group_rows(pairs, src_copy, n, copies, plan.batched_cfg).to(device)
+        out.append(g)
+    return out
+
+
 def _batched(model, plan, sources, targets, channels, p, config):
     n = len(targets)
+    copies = 3 if config.control else 2  # [sources; targets; results] or [sources; results]
     device = model.pipeline.transformer.device
-    masks = _masks(plan, channels, p, device)
-    src_rows = rows_of(0, n, 3, plan.batched_cfg).to(device)
-    res_rows = rows_of(2, n, 3, plan.batched_cfg).to(device)
-    reps = 2 if plan.batched_cfg else 1
+    groups = _groups(plan, p, n, copies, 0, False, device)
+    chans = {m: c.to(device) for m, c in channels.items()}
     blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
     norm_out = model.transformer.norm_out
-    p_all = p.reshape(n, -1).to(device)
+    alpha = config.alpha
 
-    def body(call):
-        if not plan.active(call):
-            return
-        for s in plan.sites:
-            blk, lay = blocks[s.module], plan.layouts[s.module]
-            out = blk.output
-            h = read_image(lay, out, plan.n_img, s.module)
-            new = h.clone()
-            new[res_rows] = blend(h[res_rows], h[src_rows], masks[s.module].repeat(reps, 1, 1), config.alpha)
-            blk.output = write_image(lay, out, new, plan.n_img)
-        if config.copy_norm_out:
-            x = norm_out.output
-            mask = (p_all[:, :, None].expand(n, plan.n_img, x.shape[-1])).repeat(reps, 1, 1)
-            new = x.clone()
-            new[res_rows] = blend(x[res_rows], x[src_rows], mask, config.alpha)
-            norm_out.output = new
-
-    images = _generate(model, plan, sources + targets + targets, _pair_gens(plan, n, 3, device), body)
-    return images[:n], images[n:2 * n], images[2 * n:], {"stored_bytes": 0, "full_bytes": 0}
-
-
-def _capture(model, plan, sources, channels, p, config):
-    n = len(sources)
-    device = model.pipeline.transformer.device
-    blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
-    norm_out = model.transformer.norm_out
-    p_idx = [p[j].flatten().nonzero().flatten().to(device) for j in range(n)]
-    stored: dict = {}
-    count = {"stored_bytes": 0, "full_bytes": 0}
-
-    def body(call):
-        if not plan.active(call):
-            return
-        for s in plan.sites:
-            h = read_image(plan.layouts[s.module], blocks[s.module].output, plan.n_img, s.module)
-            ch = channels[s.module].to(device)
-            for j in range(n):
-                rows = rows_of(0, n, 1, plan.batched_cfg, j).to(device)
-                stored[(call.index, s.module, j)] = gather(h[rows], p_idx[j], ch).clone()
-            _count(count, stored, call.index, s.module, n, h)
-        if config.copy_norm_out:
-            x = norm_out.output
-            allc = torch.arange(x.shape[-1], device=device)
-            for j in range(n):
-                rows = rows_of(0, n, 1, plan.batched_cfg, j).to(device)
-                stored[(call.index, "norm_out", j)] = gather(x[rows], p_idx[j], allc).clone()
-            _count(count, stored, call.index, "norm_out", n, x)
-
-    images = _generate(model, plan, list(sources), _pair_gens(plan, n, 1, device), body)
-    return images, stored, count
-
-
-def _count(count: dict, stored: dict, index: int, module: str, n: int, h: torch.Tensor) -> None:
-    count["stored_bytes"] += sum(stored[(index, module, j)].numel() for j in range(n)) * h.element_size()
-    count["full_bytes"] += h.numel() * h.element_size()
-
-
-def _inject(model, plan, targets, stored, channels, p, config):
-    n = len(targets)
-    device = model.pipeline.transformer.device
-    blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
-    norm_out = model.transformer.norm_out
-    p_idx = [p[j].flatten().nonzero().flatten().to(device) for j in range(n)]
-
-    def put(h, module, ch, call):
+    def edit(h: torch.Tensor, ch: torch.Tensor) -> torch.Tensor:
+        # A new tensor for a whole-output assignment (design notes, pitfall 6); only the
+        # |p| x k entries of the result rows change, read from the source rows.
         new = h.clone()
-        for j in range(n):
-            rows = rows_of(1, n, 2, plan.batched_cfg, j).to(device)
-            new[rows] = scatter_blend(h[rows], stored[(call.index, module, j)].to(device), p_idx[j], ch,
-                                      config.alpha)
+        for g in groups:
+            scatter_blend_(new, gather(h, g["tokens"], ch, g["src"]), g["tokens"], ch, alpha, g["res"])
         return new
 
     def body(call):
@@ -323,14 +270,80 @@ def _inject(model, plan, targets, stored, channels, p, config):
             blk, lay = blocks[s.module], plan.layouts[s.module]
             out = blk.output
             h = read_image(lay, out, plan.n_img, s.module)
-            new = put(h, s.module, channels[s.module].to(device), call)
-            blk.output = write_image(lay, out, new, plan.n_img)
+            blk.output = write_image(lay, out, edit(h, chans[s.module]), plan.n_img)
+        if config.copy_norm_out:
+            x = norm_out.output
+            norm_out.output = edit(x, torch.arange(x.shape[-1], device=device))
+
+    prompts = sources + targets * (copies - 1)
+    images = _generate(model, plan, prompts, _pair_gens(plan, n, copies, device), body)
+    target = images[n:2 * n] if config.control else None
+    return images[:n], target, images[-n:], {"stored_bytes": 0, "full_bytes": 0}
+
+
+def _capture(model, plan, sources, channels, p, config):
+    n = len(sources)
+    device = model.pipeline.transformer.device
+    groups = _groups(plan, p, n, 1, 0, False, device)
+    chans = {m: c.to(device) for m, c in channels.items()}
+    blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
+    norm_out = model.transformer.norm_out
+    stored: dict = {"groups": groups}
+    count = {"stored_bytes": 0, "full_bytes": 0}
+
+    def keep(h: torch.Tensor, index: int, module: str, ch: torch.Tensor) -> None:
+        for gi, g in enumerate(groups):
+            # Advanced indexing copies: what is kept is only [rows, |p|, k], never a view of h.
+            x = gather(h, g["tokens"], ch, g["src"])
+            stored[(index, module, gi)] = x
+            count["stored_bytes"] += x.numel() * x.element_size()
+        count["full_bytes"] += h.numel() * h.element_size()
+
+    def body(call):
+        if not plan.active(call):
+            return
+        for s in plan.sites:
+            h = read_image(plan.layouts[s.module], blocks[s.module].output, plan.n_img, s.module)
+            keep(h, call.index, s.module, chans[s.module])
+        if config.copy_norm_out:
+            x = norm_out.output
+            keep(x, call.index, "norm_out", torch.arange(x.shape[-1], device=device))
+
+    images = _generate(model, plan, list(sources), _pair_gens(plan, n, 1, device), body)
+    return images, stored, count
+
+
+def _inject(model, plan, targets, stored, channels, p, config):
+    n = len(targets)
+    copies = 2 if config.control else 1  # [targets; results] or [results]
+    device = model.pipeline.transformer.device
+    # The capture's grouping, unless it stored one entry per pair (a real-image source).
+    per_pair = "groups" not in stored
+    groups = _groups(plan, p, n, copies, None, per_pair, device)
+    chans = {m: c.to(device) for m, c in channels.items()}
+    blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
+    norm_out = model.transformer.norm_out
+
+    def put(h, module, ch, call):
+        new = h.clone()
+        for gi, g in enumerate(groups):
+            scatter_blend_(new, stored[(call.index, module, gi)], g["tokens"], ch, config.alpha, g["res"])
+        return new
+
+    def body(call):
+        if not plan.active(call):
+            return
+        for s in plan.sites:
+            blk, lay = blocks[s.module], plan.layouts[s.module]
+            out = blk.output
+            h = read_image(lay, out, plan.n_img, s.module)
+            blk.output = write_image(lay, out, put(h, s.module, chans[s.module], call), plan.n_img)
         if config.copy_norm_out:
             x = norm_out.output
             norm_out.output = put(x, "norm_out", torch.arange(x.shape[-1], device=device), call)
 
-    images = _generate(model, plan, targets + targets, _pair_gens(plan, n, 2, device), body)
-    return images[:n], images[n:]
+    images = _generate(model, plan, targets * copies, _pair_gens(plan, n, copies, device), body)
+    return (images[:n] if config.control else None), images[-n:]
 
 
 def _capture_image(model, plan, source: ImageSource, n, channels, p, config):
@@ -343,13 +356,14 @@ def save_transport(result: TransportResult, folder: str | Path) -> Path:
     """Save the result and its PNGs.
 
     ``source.png``, ``target.png``, ``result.png`` (pairs in a row) and ``mask.png`` (the token
-    mask at image resolution).
+    mask at image resolution); no ``target.png`` for a run without the control row.
     """
     from massact_nn.images import upsample_mask
 
     folder = Path(folder)
     result.save(folder)
-    write_pngs(folder, {"source": result.source, "target": result.target, "result": result.result})
+    pngs = {"source": result.source, "target": result.target, "result": result.result}
+    write_pngs(folder, {k: v for k, v in pngs.items() if v is not None})
     h, w = result.result.shape[-2:]
     masks = result.token_mask if result.token_mask.ndim == 3 else result.token_mask[None]
     pix = torch.stack([upsample_mask(m, (h, w)) for m in masks]).float()

@@ -46,6 +46,40 @@ def rows_of(copy: int, n: int, copies: int, batched_cfg: bool, pair: int | None 
     return torch.cat([base, base + copies * n]) if batched_cfg else base
 
 
+def mask_groups(p: torch.Tensor, per_pair: bool = False) -> list[tuple[list[int], torch.Tensor]]:
+    """Pairs grouped by identical token mask, with the mask's token ids.
+
+    One group when every pair shares ``p`` (the usual case), so a site's edit is one gather and
+    one scatter for the whole batch; ``per_pair`` keeps one group per pair.
+
+    Shapes:
+        p: [pairs, rows, cols] bool -> tokens: [n_p] per group.
+    """
+    flat = p.reshape(p.shape[0], -1)
+    groups: list[tuple[list[int], torch.Tensor]] = []
+    for j in range(flat.shape[0]):
+        for pairs, _ in ([] if per_pair else groups):
+            if torch.equal(flat[pairs[0]], flat[j]):
+                pairs.append(j)
+                break
+        else:
+            groups.append(([j], flat[j].nonzero().flatten()))
+    return groups
+
+
+def group_rows(pairs: list[int], copy: int, n: int, copies: int, batched_cfg: bool) -> torch.Tensor:
+    """Batch rows of one copy for a group of pairs, in the order :func:`gather` stores them.
+
+    Under batched CFG: the pairs' unconditional rows, then their conditional rows.
+
+    Shapes:
+        -> [len(pairs)] or [2 len(pairs)].
+    """
+    every = rows_of(copy, n, copies, batched_cfg)
+    pos = pairs + [j + n for j in pairs] if batched_cfg else pairs
+    return every[pos]
+
+
 #: Token masks computed by the segmentation probe: the target's or the source's foreground, or both.
 MASK_KEYWORDS = ("target", "source", "union")
 
@@ -151,13 +185,15 @@ def segmentation_masks(
 
 
 def transport_metrics(
-    source: torch.Tensor, target: torch.Tensor, result: torch.Tensor, p: torch.Tensor, judge: Any = None
+    source: torch.Tensor, target: torch.Tensor | None, result: torch.Tensor, p: torch.Tensor,
+    judge: Any = None,
 ) -> dict:
     """Distances of the result to source and target, inside and outside ``p``; judge readings.
 
     With a judge: ``moved`` is the fraction of pairs whose result shows the source's foreground
     colour / shape, ``kept`` the fraction keeping the target's background colour, and
-    ``already`` the same fractions for the untouched target (the baseline to beat).
+    ``already`` the same fractions for the untouched target (the baseline to beat). Without the
+    untouched target (``target=None``) only ``to_source`` and ``moved`` are reported.
 
     Shapes:
         source, target, result: [n, 3, H, W]; p: [n, rows, cols] bool.
@@ -166,14 +202,18 @@ def transport_metrics(
     pix = torch.stack([upsample_mask(m, (h, w)) for m in p])
     out: dict = {"token_fraction": float(p.float().mean())}
     for name, ref in (("to_source", source), ("to_target", target)):
+        if ref is None:
+            continue
         d = inside_outside(result, ref, pix)
         out[name] = {k: summarise(v) for k, v in d.items()}
         out[name]["per_pair"] = {k: v.tolist() for k, v in d.items()}
-    readings = {k: judge_readings(judge, x) for k, x in (("source", source), ("target", target),
-                                                           ("result", result))}
+    readings = {k: judge_readings(judge, x) if x is not None else None
+                for k, x in (("source", source), ("target", target), ("result", result))}
     if readings["result"] is not None:
-        out["judge"] = readings
+        out["judge"] = {k: v for k, v in readings.items() if v is not None}
         out["moved"] = _agree(readings["result"], readings["source"], ("fg_colour", "shape"))
+        if target is None:
+            return out
         out["kept"] = _agree(readings["result"], readings["target"], ("bg_colour",))
         out["already"] = {**_agree(readings["target"], readings["source"], ("fg_colour", "shape")),
                           **_agree(readings["source"], readings["target"], ("bg_colour",))}

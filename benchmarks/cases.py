@@ -56,6 +56,11 @@ def plain(b: Bench) -> None:
     b.model.pipeline(PROMPT, **b.kwargs())
 
 
+def plain_images(b: Bench) -> None:
+    """The plain pipeline with the VAE decode: the probes return images, so this is their baseline."""
+    b.model.pipeline(PROMPT, **{**b.kwargs(), "output_type": "pt"})
+
+
 def nnsight_empty(b: Bench) -> None:
     with b.model.generate(PROMPT, **b.kwargs()):
         pass
@@ -99,20 +104,20 @@ def disrupt_all(b: Bench) -> None:
 
 
 def plain_pair(b: Bench) -> None:
-    """Two plain generations in one batch: what a batched transport must be compared with."""
-    b.model.pipeline(PROMPT * 2, **b.kwargs(2))
+    """Two plain generations in one batch, decoded: what a two-row batched transport runs."""
+    b.model.pipeline(PROMPT * 2, **{**b.kwargs(2), "output_type": "pt"})
 
 
 def plain_triple(b: Bench) -> None:
-    """Three rows in one batch (source, untouched target, result), the batched probe's layout."""
-    b.model.pipeline(PROMPT * 3, **b.kwargs(3))
+    """Three rows in one batch, decoded (source, untouched target, result): the default probe's layout."""
+    b.model.pipeline(PROMPT * 3, **{**b.kwargs(3), "output_type": "pt"})
 
 
-def _transport(b: Bench, mode: str) -> None:
+def _transport(b: Bench, mode: str, control: bool = True) -> None:
     from massact_nn.tracing.probes.transport import TransportConfig, transport
 
     st = _stats_for_probes(b)
-    cfg = TransportConfig(generation=b.gen(), k=4, mode=mode, judge=False, progress=False)
+    cfg = TransportConfig(generation=b.gen(), k=4, mode=mode, control=control, judge=False, progress=False)
     res = transport(b.model, PROMPT[0], "a green square on a yellow background", st, cfg)
     if mode == "two_pass":
         full = max(res.meta["full_bytes"], 1)
@@ -124,7 +129,13 @@ def _transport(b: Bench, mode: str) -> None:
 
 
 def transport_batched(b: Bench) -> None:
+    """[source; untouched target; result] rows: the probe's default, with its control."""
     _transport(b, "batched")
+
+
+def transport_batched_2row(b: Bench) -> None:
+    """[source; result] rows (``control=False``): the least a batched transport can run."""
+    _transport(b, "batched", control=False)
 
 
 def transport_two_pass(b: Bench) -> None:
@@ -133,6 +144,7 @@ def transport_two_pass(b: Bench) -> None:
 
 CASES: dict[str, Callable[[Bench], None]] = {
     "plain": plain,
+    "plain_images": plain_images,
     "nnsight_empty": nnsight_empty,
     "stats": stats,
     "naive_save_all": naive_save_all,
@@ -140,5 +152,6 @@ CASES: dict[str, Callable[[Bench], None]] = {
     "plain_pair": plain_pair,
     "plain_triple": plain_triple,
     "transport_batched": transport_batched,
+    "transport_batched_2row": transport_batched_2row,
     "transport_two_pass": transport_two_pass,
 }

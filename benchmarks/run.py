@@ -89,6 +89,30 @@ def child(args) -> None:
     print(f"PEAK {top - base:.1f} {top:.1f}")
 
 
+def summarise(rows: list[dict], width: int) -> None:
+    """The issue's targets, read off the table (one line per measured token count)."""
+    by = {(r["tokens"], r["case"]): r for r in rows}
+    print("== against the targets")
+    for n in sorted({r["tokens"] for r in rows}):
+        parts = []
+        st = by.get((n, "stats"))
+        if st:
+            mem = f", memory x{st['mem_ratio']:.3f} (<= 1.05)" if st.get("mem_ratio") else ""
+            parts.append(f"stats x{st['time_ratio']:.3f} (<= 1.03){mem}")
+        tp = by.get((n, "transport_two_pass"))
+        if tp and "stored/full" in tp:
+            parts.append(f"two-pass stored/full {tp['stored/full']:.5f} (k/channels {4 / width:.5f})")
+        # Transport returns images: its baseline is one generation with the VAE decode.
+        one = by.get((n, "plain_images"))
+        for case, rows_ in (("transport_batched_2row", 2), ("transport_batched", 3)):
+            tb = by.get((n, case))
+            if tb and one:
+                limit = " (<= 2.05)" if rows_ == 2 else ""
+                parts.append(f"batched {rows_} rows x{tb['seconds'] / one['seconds']:.3f} one decoded "
+                             f"generation{limit}")
+        print(f"  {n} tokens: " + "; ".join(parts))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="256 and 1024 tokens, 3 repetitions")
@@ -116,8 +140,9 @@ def main() -> None:
         folder = build(Path(tmp) / "flux", args.width, tuple(args.blocks))
         for n in tokens:
             bench = Bench.load(folder, n, args.steps, args.device, args.dtype)
+            where = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
             print(f"== {n} image tokens, width {args.width}, blocks {tuple(args.blocks)}, "
-                  f"{args.steps} steps, {bench.sites} sites, {args.device} {args.dtype}")
+                  f"{args.steps} steps, {bench.sites} sites, {where} {args.dtype}, torch {torch.__version__}")
             for c in cases:  # warm-up
                 CASES[c](bench)
             times: dict[str, list[float]] = {c: [] for c in cases}
@@ -146,6 +171,7 @@ def main() -> None:
         from massact_nn._io import save_json
 
         save_json(args.json, rows)
+    summarise(rows, args.width)
     at = [r for r in rows if r["case"] == "stats" and r["tokens"] == 1024]
     if at:
         print(f"stats/plain at 1024 tokens: {at[0]['time_ratio']:.3f}")

@@ -77,11 +77,11 @@ class StatsAccumulator:
     """Mergeable streaming statistics over (prompt, step) samples for a set of sites.
 
     ``update`` runs inside the trace at every site and step, so it does the least work that
-    keeps nothing token-sized: three reductions over the tokens (mean, sum |h| and max |h|, each
-    one kernel reading ``h`` once). Folding them into the running sums, the per-step and
-    per-prompt sets and the finiteness check is batched over many updates (``flush_every``, and
-    at the end of a batch): per-call kernel launches and Python work, not arithmetic, are what a
-    wide model's GPU would otherwise wait on.
+    keeps nothing token-sized: three reductions over the tokens (sum, sum |h| and max |h|).
+    Folding them into the running sums, the per-step and per-prompt sets and the finiteness
+    check is batched over many updates (``flush_every``, and at the end of a batch): per-call
+    kernel launches and Python work, not arithmetic, are what a wide model's GPU would otherwise
+    wait on.
 
     Args:
         sites: Sites to accumulate.
@@ -155,11 +155,14 @@ class StatsAccumulator:
         rows = h.shape[0]
         if prompt_of_row is None:
             prompt_of_row = self._arange(rows)
-        # One kernel each, reading h once. On a GPU, bf16/fp16 in and float32 out is reduced
-        # without a float32 copy of h; a maximum is exact in h's own dtype.
+        # Four kernels, no float32 copy of h (a GPU reduces bf16/fp16 into float32 directly); a
+        # maximum is exact in h's own dtype. abs() then sum/amax rather than vector_norm(ord=1 /
+        # inf): on CPU the norm kernels over the token dim were 6-11x slower (1.0 ms vs 0.12 ms
+        # for [1, 1024, 256]), which alone cost 2.5% of a generation.
         s = torch.sum(h, dim=1, dtype=torch.float32)  # [R, C]
-        l1 = torch.linalg.vector_norm(h, ord=1, dim=1, dtype=torch.float32)
-        linf = torch.linalg.vector_norm(h, ord=float("inf"), dim=1)
+        habs = h.abs()
+        l1 = torch.sum(habs, dim=1, dtype=torch.float32)
+        linf = torch.amax(habs, dim=1)
         a.pending.append((step, prompt_of_row, s, l1, linf, h.shape[1]))
         a.seen_steps.add(step)
         a.step_count[step] += rows

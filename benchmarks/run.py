@@ -40,7 +40,11 @@ def measure_memory(args, folder: Path, tokens: int, case: str) -> tuple[float, f
     """``(added, total)`` peak MiB of one run of ``case`` in a fresh process."""
     cmd = [sys.executable, __file__, "--child", case, "--folder", str(folder), "--tokens", str(tokens),
            "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # glibc's dynamic mmap threshold lets freed tensors stay in the heap, so RSS peaks depended on
+    # the order of frees (±30 MiB between identical runs). A fixed threshold returns every
+    # tensor-sized block to the OS when freed: RSS then tracks live memory (±0.3 MiB).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in out.stdout.splitlines():
         if line.startswith("PEAK "):
             return float(line.split()[1]), float(line.split()[2])

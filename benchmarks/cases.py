@@ -119,7 +119,7 @@ def _transport(b: Bench, mode: str, control: bool = True) -> None:
     st = _stats_for_probes(b)
     cfg = TransportConfig(generation=b.gen(), k=4, mode=mode, control=control, judge=False, progress=False)
     res = transport(b.model, PROMPT[0], "a green square on a yellow background", st, cfg)
-    if mode == "two_pass":
+    if mode == "two_pass" and control:
         full = max(res.meta["full_bytes"], 1)
         b.extra["transport_two_pass"] = {
             "stored_KiB": round(res.meta["stored_bytes"] / 1024, 1),
@@ -142,6 +142,11 @@ def transport_two_pass(b: Bench) -> None:
     _transport(b, "two_pass")
 
 
+def transport_two_pass_2row(b: Bench) -> None:
+    """Two-pass without the control: one source row, then one result row."""
+    _transport(b, "two_pass", control=False)
+
+
 CASES: dict[str, Callable[[Bench], None]] = {
     "plain": plain,
     "plain_images": plain_images,
@@ -154,4 +159,5 @@ CASES: dict[str, Callable[[Bench], None]] = {
     "transport_batched": transport_batched,
     "transport_batched_2row": transport_batched_2row,
     "transport_two_pass": transport_two_pass,
+    "transport_two_pass_2row": transport_two_pass_2row,
 }

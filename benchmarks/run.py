@@ -106,14 +106,16 @@ def summarise(rows: list[dict], width: int) -> None:
         tp = by.get((n, "transport_two_pass"))
         if tp and "stored/full" in tp:
             parts.append(f"two-pass stored/full {tp['stored/full']:.5f} (k/channels {4 / width:.5f})")
-        # Transport returns images: its baseline is one generation with the VAE decode.
+        # Transport returns images: its baseline is one generation with the VAE decode
+        # (the ratios below are to plain_images).
         one = by.get((n, "plain_images"))
-        for case, rows_ in (("transport_batched_2row", 2), ("transport_batched", 3)):
+        for case, what in (("transport_batched_2row", "batched 2 rows"),
+                           ("transport_two_pass_2row", "two-pass 1+1 rows"),
+                           ("transport_batched", "batched 3 rows")):
             tb = by.get((n, case))
             if tb and one:
-                limit = " (<= 2.05)" if rows_ == 2 else ""
-                parts.append(f"batched {rows_} rows x{tb['seconds'] / one['seconds']:.3f} one decoded "
-                             f"generation{limit}")
+                limit = " (<= 2.05)" if "2 rows" in what or "1+1" in what else ""
+                parts.append(f"{what} x{tb['seconds'] / one['seconds']:.3f}{limit}")
         print(f"  {n} tokens: " + "; ".join(parts))
 
 
@@ -170,7 +172,7 @@ def main() -> None:
                 mem_txt = (f"peak {total:8.1f} MiB (+{added:6.1f} in the run)  x{ratio:.3f}"
                            if ratio else "peak -")
                 extra = "  ".join(f"{k}={v}" for k, v in bench.extra.get(c, {}).items())
-                print(f"  {c:<22} {t:8.3f}s  x{t / plain_t:6.3f}   {mem_txt}  {extra}")
+                print(f"  {c:<24} {t:8.3f}s  x{t / plain_t:6.3f}   {mem_txt}  {extra}")
     if args.json:
         from massact_nn._io import save_json
 

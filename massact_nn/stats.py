@@ -8,6 +8,7 @@ accumulated in float32 whatever the model dtype (fp16 overflows on massive chann
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,13 +62,19 @@ class _SiteAccumulator:
         self.step_sum = z(steps, channels) if per_step else None
         self.step_count = [0] * steps
         self.nonfinite = torch.zeros(steps, dtype=torch.int32, device=device)
-        # Per-batch: sum over a step's calls of each prompt's |token-mean|, for the per-prompt and
-        # per-step top-k sets (under true CFG with unconditional calls counted, one step spans
-        # two calls, and its set must come from both).
-        self.step_prompt_sum: torch.Tensor | None = None  # [steps, P_batch, channels]
-        self.seen_steps: set[int] = set()
-        # Reductions of updates not folded into the sums yet: (step, prompt_of_row, mean,
-        # sum |h|, max |h|, tokens).
+        self.in_batch = False
+        # Per batch. prompt_sum: each prompt's summed |token-mean| ([P, channels]). A step's
+        # per-prompt sums are closed into its top-k set once a later step arrives; the last step
+        # seen stays open (under true CFG with unconditional calls counted a step spans two
+        # calls, possibly across a flush, and its set must come from both).
+        self.prompt_sum: torch.Tensor | None = None
+        self.step_sets: list[torch.Tensor | None] = []  # [P, k] per step
+        self.open_step: int | None = None
+        self.open_sum: torch.Tensor | None = None  # [P, channels]
+        self.last_step = -1
+        self.bad_prompt: torch.Tensor | None = None  # device flag: a prompt id out of range
+        # Reductions of updates not folded in yet: (step, prompt_of_row, sum, sum |h|, max |h|,
+        # tokens), each [rows, channels] / [rows].
         self.pending: list[tuple] = []
         self.prompt_sets: list[torch.Tensor] = []  # [P_batch, k] per finished batch
         self.step_sets_done: list[torch.Tensor] = []  # [P_batch, S, k] per finished batch
@@ -79,9 +86,13 @@ class StatsAccumulator:
     ``update`` runs inside the trace at every site and step, so it does the least work that
     keeps nothing token-sized: three reductions over the tokens (sum, sum |h| and max |h|).
     Folding them into the running sums, the per-step and per-prompt sets and the finiteness
-    check is batched over many updates (``flush_every``, and at the end of a batch): per-call
+    check is batched over several updates (``flush_every``, and at the end of a batch): per-call
     kernel launches and Python work, not arithmetic, are what a wide model's GPU would otherwise
-    wait on.
+    wait on. With the default row layout the per-(step, prompt) sums are reshapes and plain sums,
+    deterministic on a GPU too; explicit ``prompt_of_row`` ids use ``index_add_``, whose float
+    atomics may differ in the last bits between GPU runs.
+
+    Within a batch each site's updates come in ascending step order (several per step allowed).
 
     Args:
         sites: Sites to accumulate.
@@ -89,8 +100,9 @@ class StatsAccumulator:
         k: Size of the per-prompt and per-step top-k sets kept for stability (Jaccard) summaries.
         per_step: Also keep ``per_step_abs_mean`` [steps × channels] per site.
         device: Where the running sums live (the model's device).
-        flush_every: Updates per site held as [rows, channels] reductions before they are folded
-            in (bounds that memory: ``3 × flush_every × rows × channels`` floats per site).
+        flush_every: Updates per site held before they are folded in; the held reductions take
+            ``flush_every × rows × channels × (8 + itemsize)`` bytes per site (FLUX.1-dev, one
+            row, bf16: 57 sites × 8 × 3072 × 10 B = 14 MB).
     """
 
     def __init__(
@@ -100,7 +112,7 @@ class StatsAccumulator:
         k: int = 4,
         per_step: bool = False,
         device: torch.device | str = "cpu",
-        flush_every: int = 32,
+        flush_every: int = 8,
     ) -> None:
         if steps < 1:
             raise MassactError(f"steps={steps!r} is out of range; accepted: an integer >= 1")
@@ -120,10 +132,15 @@ class StatsAccumulator:
 
     def begin_batch(self, prompts: int) -> None:
         """Start a batch of ``prompts`` trajectories (rows map to them via ``prompt_of_row``)."""
+        if prompts < 1:
+            raise MassactError(f"prompts={prompts!r} is out of range; accepted: an integer >= 1")
         self._batch_prompts = prompts
-        for a, s in zip(self._acc.values(), self.sites):
-            a.step_prompt_sum = torch.zeros(self.steps, prompts, s.channels, device=self.device)
-            a.seen_steps = set()
+        for a in self._acc.values():
+            a.in_batch = True
+            a.prompt_sum = torch.zeros(prompts, a.channels, device=self.device)
+            a.step_sets = [None] * self.steps
+            a.open_step, a.open_sum, a.last_step = None, None, -1
+            a.bad_prompt = torch.zeros((), dtype=torch.bool, device=self.device)
             a.pending = []
 
     def update(
@@ -133,10 +150,14 @@ class StatsAccumulator:
 
         Args:
             module: Site module path.
-            step: Denoising step index (0-based).
+            step: Denoising step index (0-based); per site, ascending within a batch.
             h: Image-stream tokens, one row per sample.
-            prompt_of_row: Which prompt of the batch each row belongs to (default: row i is
-                prompt i). Rows of one prompt (e.g. its unconditional branch) count as samples.
+            prompt_of_row: Which prompt of the batch each row belongs to. Default: row r is
+                prompt r, or prompt r % prompts when the rows are a multiple of the prompts
+                (``[uncond; cond]``). Rows of one prompt (e.g. its unconditional branch) count
+                as samples.
+                Ids on the CPU are range-checked at once; ids on the device at ``end_batch``
+                (reading them back at every call would stall the GPU).
 
         Shapes:
             h: [rows, tokens, channels]; prompt_of_row: [rows].
@@ -144,17 +165,31 @@ class StatsAccumulator:
         a = self._acc.get(module)
         if a is None:
             raise choice_error("site", module, self._acc)
+        if not a.in_batch:
+            raise MassactError("update() outside a batch; accepted: begin_batch, updates, end_batch")
         if not 0 <= step < self.steps:
             raise MassactError(f"step={step} is out of range; accepted: 0..{self.steps - 1}")
-        if h.ndim != 3 or h.shape[-1] != a.channels:
+        if step < a.last_step:
+            raise MassactError(f"site {module}: step {step} after step {a.last_step}; accepted: "
+                               "ascending steps within a batch")
+        if h.ndim != 3 or h.shape[-1] != a.channels or h.shape[0] < 1:
             raise MassactError(
                 f"site {module}: expected image tokens [rows, tokens, {a.channels}], got {tuple(h.shape)}"
             )
-        if a.step_prompt_sum is None:
-            raise MassactError("update() before begin_batch(); accepted: begin_batch, updates, end_batch")
         rows = h.shape[0]
+        P = self._batch_prompts
         if prompt_of_row is None:
-            prompt_of_row = self._arange(rows)
+            if rows > P and rows % P:
+                raise MassactError(f"site {module}: {rows} rows for {P} prompts; accepted: at most "
+                                   "one row per prompt, a multiple of the prompts, or prompt_of_row")
+        elif tuple(prompt_of_row.shape) != (rows,):
+            raise MassactError(f"site {module}: prompt_of_row has shape {tuple(prompt_of_row.shape)}; "
+                               f"accepted: ({rows},), one prompt id per row")
+        elif prompt_of_row.device.type == "cpu":
+            lo, hi = int(prompt_of_row.min()), int(prompt_of_row.max())
+            if lo < 0 or hi >= self._batch_prompts:
+                raise MassactError(f"site {module}: prompt ids {prompt_of_row.tolist()} out of range; "
+                                   f"accepted: 0..{self._batch_prompts - 1}")
         # Four kernels, no float32 copy of h (a GPU reduces bf16/fp16 into float32 directly); a
         # maximum is exact in h's own dtype. abs() then sum/amax rather than vector_norm(ord=1 /
         # inf): on CPU the norm kernels over the token dim were 6-11x slower (1.0 ms vs 0.12 ms
@@ -164,7 +199,7 @@ class StatsAccumulator:
         l1 = torch.sum(habs, dim=1, dtype=torch.float32)
         linf = torch.amax(habs, dim=1)
         a.pending.append((step, prompt_of_row, s, l1, linf, h.shape[1]))
-        a.seen_steps.add(step)
+        a.last_step = step
         a.step_count[step] += rows
         a.count += rows
         if len(a.pending) >= self.flush_every:
@@ -176,49 +211,127 @@ class StatsAccumulator:
         return self._aranges[n]
 
     def _flush(self, a: _SiteAccumulator) -> None:
-        """Fold the pending reductions into the sums: a fixed handful of kernels per flush."""
+        """Fold the pending reductions in: a fixed handful of kernels per flush.
+
+        Rows of all pending updates are concatenated (updates may differ in row count).
+        """
         if not a.pending:
             return
-        steps, prow, sums, l1s, lis, tokens = zip(*a.pending)
-        a.pending = []
+        pend, a.pending = a.pending, []
         dev = self.device
-        sums = torch.stack(sums).to(dev)  # [U, R, C]
-        l1 = torch.stack(l1s).to(dev)
-        linf = torch.stack(lis).to(dev).float()
-        prow = torch.stack(prow).to(dev).long()  # [U, R]
+        sizes = [x[2].shape[0] for x in pend]
+        sums = torch.cat([x[2] for x in pend]).to(dev)  # [N, C]
+        l1 = torch.cat([x[3] for x in pend]).to(dev)
+        linf = torch.cat([x[4] for x in pend]).to(dev).float()
+        tokens = [x[5] for x, r in zip(pend, sizes) for _ in range(r)]
         if len(set(tokens)) == 1:
             per_token = 1.0 / tokens[0]
         else:
-            per_token = 1.0 / torch.tensor(tokens, dtype=torch.float32, device=dev)[:, None, None]
-        m = sums * per_token  # token means
-        mean_abs = l1 * per_token
+            per_token = 1.0 / torch.tensor(tokens, dtype=torch.float32, device=dev)[:, None]
+        m = sums * per_token  # token means [N, C]
         absm = m.abs()
-        a.sum_abs_m += absm.sum((0, 1))
-        a.sum_m += m.sum((0, 1))
-        a.sum_mean_abs += mean_abs.sum((0, 1))
-        torch.maximum(a.max_abs, linf.amax((0, 1)), out=a.max_abs)
-        st = _index(list(steps), dev)  # [U]
-        a.nonfinite.index_add_(0, st, (~torch.isfinite(linf).flatten(1).all(1)).int())
+        a.sum_abs_m += absm.sum(0)
+        a.sum_m += m.sum(0)
+        a.sum_mean_abs += (l1 * per_token).sum(0)
+        torch.maximum(a.max_abs, linf.amax(0), out=a.max_abs)
+        row_steps = [x[0] for x, r in zip(pend, sizes) for _ in range(r)]
+        a.nonfinite.index_add_(0, _index(row_steps, dev), (~torch.isfinite(linf).all(1)).int())
+        steps = [x[0] for x in pend]
+        uniq = sorted(set(steps))
+        if all(x[1] is None for x in pend) and len(set(sizes)) == 1:
+            per = self._group_regular(absm, steps, sizes[0])
+        else:
+            per = self._group_general(a, absm, pend, sizes, uniq)
+        a.prompt_sum += per.sum(0)
         if a.step_sum is not None:
-            a.step_sum.index_add_(0, st, absm.sum(1))
-        flat = (st[:, None] * self._batch_prompts + prow).flatten()
-        a.step_prompt_sum.view(-1, a.channels).index_add_(0, flat, absm.flatten(0, 1))
+            a.step_sum[uniq[0]:uniq[-1] + 1] += _spread(per.sum(1), uniq)
+        if a.open_step is not None:
+            if a.open_step == uniq[0]:
+                per[0] += a.open_sum
+            else:
+                self._close(a, [a.open_step], a.open_sum[None])
+        self._close(a, uniq[:-1], per[:-1])
+        a.open_step, a.open_sum = uniq[-1], per[-1]
+
+    def _group_regular(self, absm: torch.Tensor, steps: list[int], rows: int) -> torch.Tensor:
+        """Per (step, prompt) sums for the default row layout, by reshapes and plain sums.
+
+        Default layout: row r is prompt r (rows <= prompts) or prompt r % prompts (rows a
+        multiple of the prompts: uncond and cond rows). Exact and deterministic, unlike
+        ``index_add_`` with repeated indices on a GPU.
+
+        Shapes:
+            absm: [updates × rows, C] -> [distinct steps, prompts, C].
+        """
+        P, C = self._batch_prompts, absm.shape[-1]
+        x = absm.view(len(steps), rows, C)
+        if rows > P:
+            x = x.view(len(steps), rows // P, P, C).sum(1)
+        elif rows < P:
+            x = torch.cat([x, x.new_zeros(len(steps), P - rows, C)], 1)
+        runs = [len(list(g)) for _, g in itertools.groupby(steps)]
+        if len(set(runs)) == 1:  # the same number of calls per step (1, or 2 under true CFG)
+            return x.view(len(runs), runs[0], P, C).sum(1)
+        ends = list(itertools.accumulate(runs))
+        return torch.stack([x[e - r:e].sum(0) for r, e in zip(runs, ends)])
+
+    def _group_general(
+        self, a: _SiteAccumulator, absm: torch.Tensor, pend: list[tuple], sizes: list[int], uniq: list[int]
+    ) -> torch.Tensor:
+        """Per (step, prompt) sums for explicit ``prompt_of_row`` ids (``index_add_``).
+
+        Shapes:
+            absm: [rows of all updates, C] -> [distinct steps, prompts, C].
+        """
+        dev, P, C = self.device, self._batch_prompts, absm.shape[-1]
+        prow = torch.cat([
+            (self._arange(r) if x[1] is None else x[1].to(dev)) for x, r in zip(pend, sizes)
+        ]).long()
+        ok = (prow >= 0) & (prow < P)
+        a.bad_prompt |= ~ok.all()
+        pos = {st: i for i, st in enumerate(uniq)}
+        flat = _index([pos[x[0]] for x, r in zip(pend, sizes) for _ in range(r)], dev) * P
+        flat = flat + prow.clamp(0, P - 1)
+        out = torch.zeros(len(uniq) * P, C, device=dev)
+        out.index_add_(0, flat, absm * ok[:, None])
+        return out.view(len(uniq), P, C)
+
+    def _close(self, a: _SiteAccumulator, steps: list[int], per: torch.Tensor) -> None:
+        """Per-step top-k sets of the finished steps (one topk for all of them)."""
+        if not steps:
+            return
+        top = torch.topk(per, self.k, dim=-1).indices  # [W, P, k]
+        for i, st in enumerate(steps):
+            a.step_sets[st] = top[i]
 
     def end_batch(self) -> None:
         """Close a batch: keep each prompt's top-k set and per-step top-k sets."""
-        for module, a in self._acc.items():
+        for a in self._acc.values():
             self._flush(a)
-            missing = [s for s in range(self.steps) if s not in a.seen_steps]
+            if a.open_step is not None:
+                self._close(a, [a.open_step], a.open_sum[None])
+                a.open_step, a.open_sum = None, None
+        # One read of the device flags for every site: prompt ids given on the device.
+        bad = torch.stack([a.bad_prompt for a in self._acc.values()]).cpu()
+        for (module, a), wrong in zip(self._acc.items(), bad.tolist()):
+            a.in_batch = False
+            if wrong:
+                raise MassactError(f"site {module}: a prompt_of_row id was out of range; accepted: "
+                                   f"0..{self._batch_prompts - 1}")
+            missing = [st for st, x in enumerate(a.step_sets) if x is None]
             if missing:
                 raise MassactError(
                     f"site {module}: no activations seen at steps {missing}; the pipeline made "
                     f"fewer transformer calls than the {self.steps} steps asked for"
                 )
-            per = a.step_prompt_sum  # [S, P, C]
             # Kept on the device until result(): one transfer for everything, not one per site.
-            a.prompt_sets.append(torch.topk(per.sum(0), self.k, dim=1).indices)
-            a.step_sets_done.append(torch.topk(per, self.k, dim=2).indices.transpose(0, 1))  # [P, S, k]
-            a.step_prompt_sum = None
+            a.prompt_sets.append(torch.topk(a.prompt_sum, self.k, dim=1).indices)
+            a.step_sets_done.append(torch.stack(a.step_sets, 1))  # [P, S, k]
+            a.prompt_sum, a.step_sets = None, []
+
+    def _require_closed(self) -> None:
+        if any(a.in_batch for a in self._acc.values()):
+            raise MassactError("a batch is still open; accepted: end_batch() before result()")
 
     def check_finite(self) -> None:
         """Raise on the earliest (step, layer) whose activations were not finite.
@@ -226,6 +339,7 @@ class StatsAccumulator:
         The earliest one is where the problem starts: non-finite values then reach every later
         block and, through the latents, every later step.
         """
+        self._require_closed()
         flags = torch.stack([a.nonfinite for a in self._acc.values()]).cpu()  # [sites, steps], one read
         bad = []
         for layer, module in enumerate(self._acc):
@@ -262,6 +376,19 @@ class StatsAccumulator:
         meta = dict(meta or {})
         meta.update(k=self.k, steps=self.steps, per_step=self.per_step)
         return ChannelStats(sites=list(self.sites), tensors=t, meta=meta)
+
+
+def _spread(x: torch.Tensor, steps: list[int]) -> torch.Tensor:
+    """Rows of ``x`` (one per step in ``steps``) placed on the range ``steps[0]..steps[-1]``.
+
+    Shapes:
+        x: [len(steps), C] -> [steps[-1] - steps[0] + 1, C].
+    """
+    if steps == list(range(steps[0], steps[-1] + 1)):
+        return x
+    out = x.new_zeros(steps[-1] - steps[0] + 1, x.shape[1])
+    out[[st - steps[0] for st in steps]] = x
+    return out
 
 
 def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

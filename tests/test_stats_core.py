@@ -146,35 +146,116 @@ def test_step_sets_combine_two_calls_of_one_step():
     assert acc.result().tensors["step_topk/blocks.0"].tolist() == [[[1]]]
 
 
-@pytest.mark.parametrize("flush_every", [1, 3, 32])
-def test_deferred_folding_is_exact_for_any_flush_interval(flush_every):
+def _hand(x: torch.Tensor, k: int):
+    """Hand computation for x [step, call, prompt, token, channel] (every call counted)."""
+    m = x.mean(3)  # [S, calls, P, C]
+    per_step = m.abs().sum(1)  # [S, P, C]
+    steps = torch.topk(per_step, k, dim=2).indices.transpose(0, 1)
+    return m, steps, torch.topk(per_step.sum(0), k, dim=1).indices
+
+
+@pytest.mark.parametrize("flush_every", [1, 3, 8, 32])
+@pytest.mark.parametrize("layout", ["two_calls", "stacked_rows", "explicit_ids"])
+def test_deferred_folding_is_exact_for_any_flush_interval(flush_every, layout):
     """Reductions are folded in batches; where the batches end must not change any result.
 
-    Two calls per step (uncond then cond rows of 2 prompts, as under true CFG with both counted),
-    a planted non-finite value at step 2, and per-step/per-prompt sets, against a hand computation.
+    Two samples per (step, prompt) fed as two calls per step (true CFG, both counted), as one call
+    of [uncond; cond] rows (batched CFG), or with explicit, shuffled prompt ids; all against a hand
+    computation of every statistic and of the per-step and per-prompt top-k sets.
     """
     g = torch.Generator().manual_seed(5)
-    steps, prompts = 4, 2
+    steps, prompts = 4, 3
     x = torch.randn(steps, 2, prompts, 7, 6, generator=g)  # [step, call, prompt, token, channel]
-    x[2, 1, 0, 3, 4] = float("inf")
     acc = StatsAccumulator(SITES[:1], steps=steps, k=2, per_step=True, flush_every=flush_every)
     acc.begin_batch(prompts)
     for step in range(steps):
-        for call in range(2):
-            acc.update("blocks.0", step, x[step, call], torch.tensor([0, 1]))
+        if layout == "two_calls":
+            for call in range(2):
+                acc.update("blocks.0", step, x[step, call])
+        elif layout == "stacked_rows":
+            acc.update("blocks.0", step, x[step].reshape(2 * prompts, 7, 6))
+        else:
+            order = torch.tensor([4, 0, 2, 5, 1, 3])  # row i holds sample order[i] of [uncond; cond]
+            acc.update("blocks.0", step, x[step].reshape(2 * prompts, 7, 6)[order], order % prompts)
     acc.end_batch()
-    with pytest.raises(MassactError, match="site blocks.0, step 2"):
+    st = acc.result()
+    m, want_steps, want_prompts = _hand(x, 2)
+    torch.testing.assert_close(st.stat("blocks.0", "abs_mean"), m.abs().mean((0, 1, 2)))
+    torch.testing.assert_close(st.stat("blocks.0", "mean_abs"), x.abs().mean(3).mean((0, 1, 2)))
+    torch.testing.assert_close(st.stat("blocks.0", "max_abs"), x.abs().amax((0, 1, 2, 3)))
+    torch.testing.assert_close(st.stat("blocks.0", "per_step_abs_mean"), m.abs().mean((1, 2)))
+    assert torch.equal(st.tensors["step_topk/blocks.0"], want_steps)
+    assert torch.equal(st.tensors["prompt_topk/blocks.0"], want_prompts)
+    assert st.tensors["step_count/blocks.0"].tolist() == [6] * steps
+
+
+def test_updates_may_differ_in_rows_within_a_flush():
+    # A pipeline that drops its unconditional rows on later steps (e.g. CFG truncation).
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 2, 5, 6, generator=g)  # [step, call, prompt, token, channel]
+    acc = StatsAccumulator(SITES[:1], steps=3, k=2, flush_every=4)
+    acc.begin_batch(2)
+    for step in range(3):
+        acc.update("blocks.0", step, x[step, 0], torch.tensor([0, 1]))
+        if step < 2:
+            acc.update("blocks.0", step, x[step, 1, :1], torch.tensor([0]))
+    acc.end_batch()
+    st = acc.result()
+    m = x.mean(3).abs()
+    total = m[:, 0].sum((0, 1)) + m[:2, 1, 0].sum(0)
+    torch.testing.assert_close(st.stat("blocks.0", "abs_mean"), total / 8)
+    assert st.tensors["step_count/blocks.0"].tolist() == [3, 3, 2]
+
+
+@pytest.mark.parametrize("flush_every", [1, 8])
+def test_planted_nonfinite_value_is_reported_at_its_step(flush_every):
+    x = torch.randn(4, 2, 5, 6)
+    x[2, 1, 3, 4] = float("inf")
+    x[3, 0, 0, 0] = float("nan")
+    acc = StatsAccumulator(SITES[:1], steps=4, flush_every=flush_every)
+    acc.begin_batch(2)
+    for step in range(4):
+        acc.update("blocks.0", step, x[step])
+    acc.end_batch()
+    with pytest.raises(MassactError, match=r"site blocks.0, step 2 \(steps affected there: \[2, 3\]\)"):
         acc.result()
-    a = acc._acc["blocks.0"]
-    m = x.mean(3)  # [S, 2, P, C]
-    torch.testing.assert_close(a.sum_abs_m / a.count, m.abs().mean((0, 1, 2)))
-    torch.testing.assert_close(a.step_sum, m.abs().sum((1, 2)))
-    assert a.nonfinite.tolist() == [0, 0, 1, 0] and a.step_count == [4, 4, 4, 4]
-    want_steps = torch.topk(m.abs().sum(1), 2, dim=2).indices.transpose(0, 1)  # [P, S, k]
-    assert torch.equal(a.step_sets_done[0], want_steps)
 
 
-def test_update_before_begin_batch_is_named():
-    acc = StatsAccumulator(SITES, steps=1)
-    with pytest.raises(MassactError, match="begin_batch"):
+def test_bad_prompt_ids_are_named_on_cpu_and_after_the_batch():
+    acc = StatsAccumulator(SITES[:1], steps=1)
+    acc.begin_batch(2)
+    with pytest.raises(MassactError, match=r"prompt ids \[0, 2\] out of range; accepted: 0..1"):
+        acc.update("blocks.0", 0, torch.zeros(2, 3, 6), torch.tensor([0, 2]))
+    with pytest.raises(MassactError, match="prompt_of_row has shape"):
+        acc.update("blocks.0", 0, torch.zeros(2, 3, 6), torch.tensor([0]))
+    with pytest.raises(MassactError, match="3 rows for 2 prompts"):
+        acc.update("blocks.0", 0, torch.zeros(3, 3, 6))
+
+
+class _DeviceIds(torch.Tensor):
+    """Prompt ids that claim not to be on the CPU, so their check is deferred like on a GPU."""
+
+    @property
+    def device(self):  # noqa: D102
+        return torch.device("meta")
+
+
+def test_prompt_ids_on_the_device_are_checked_at_end_batch():
+    acc = StatsAccumulator(SITES[:1], steps=1)
+    acc.begin_batch(2)
+    ids = torch.tensor([0, 5]).as_subclass(_DeviceIds)
+    acc.update("blocks.0", 0, torch.ones(2, 3, 6), ids)
+    with pytest.raises(MassactError, match="prompt_of_row id was out of range; accepted: 0..1"):
+        acc.end_batch()
+
+
+def test_batch_order_is_enforced():
+    acc = StatsAccumulator(SITES, steps=2)
+    with pytest.raises(MassactError, match="outside a batch"):
         acc.update("blocks.0", 0, torch.zeros(1, 2, 6))
+    acc.begin_batch(1)
+    acc.update("blocks.0", 1, torch.zeros(1, 2, 6))
+    with pytest.raises(MassactError, match="step 0 after step 1"):
+        acc.update("blocks.0", 0, torch.zeros(1, 2, 6))
+    with pytest.raises(MassactError, match="still open"):
+        acc.result()

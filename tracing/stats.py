@@ -89,7 +89,7 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
         # Statistics need no pixels: skipping the VAE decode (and PIL conversion) saves a second per
         # image on FLUX.1-dev at 1024² and is what keeps the overhead near zero.
         kw = {"output_type": "latent", **pipeline_kwargs(gen, chunk, first, device)}
-        rows, prompt_of_row = _rows(n, batched_cfg, config.include_uncond, device)
+        rows = _rows(n, batched_cfg, config.include_uncond)
         expected = 2 * n if batched_cfg else n
         with model.generate(chunk, **kw) as tracer:
             for i in tracer.iter[: len(schedule)]:
@@ -101,7 +101,8 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
                         continue
                     h = read_image(layout[s.module], out, n_img, s.module)
                     _check_rows(h, expected, batched_cfg, s.module)
-                    acc.update(s.module, call.step, h[rows], prompt_of_row)
+                    # Default row layout: row r is prompt r % n (uncond rows, then cond rows).
+                    acc.update(s.module, call.step, h[rows])
                 bar.update(n)
         acc.end_batch()
     bar.close()
@@ -124,18 +125,14 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
     return acc.result(meta)
 
 
-def _rows(n: int, batched_cfg: bool, include_uncond: bool, device: Any) -> tuple[slice, torch.Tensor]:
-    """The measured rows of the batch (a slice: a view, no copy) and the prompt of each.
+def _rows(n: int, batched_cfg: bool, include_uncond: bool) -> slice:
+    """The measured rows of the batch: a slice (a view, no copy).
 
     Under batched CFG the rows are ``[uncond (n); cond (n)]`` (nnsight's batcher keeps that order).
-
-    Shapes:
-        -> prompt_of_row: [rows].
     """
     if batched_cfg and not include_uncond:
-        return slice(n, 2 * n), torch.arange(n, device=device)
-    expected = 2 * n if batched_cfg else n
-    return slice(0, expected), torch.arange(expected, device=device) % n
+        return slice(n, 2 * n)
+    return slice(0, 2 * n if batched_cfg else n)
 
 
 def _check_rows(h: torch.Tensor, expected: int, batched_cfg: bool, where: str) -> None:

@@ -192,7 +192,9 @@ def test_without_control_rows_the_result_is_the_same(tiny_flux, stats_dir, every
     assert "to_target" not in b.metrics
     for part in ("all", "inside", "outside"):
         assert b.metrics["to_source"][part] == pytest.approx(a.metrics["to_source"][part], rel=1e-3, abs=1e-7)
-    save_transport(b, tmp_path / "run")
+    save_transport(a, tmp_path / "run")
+    assert (tmp_path / "run" / "target.png").is_file()
+    save_transport(b, tmp_path / "run")  # the same folder: the control run's target must go
     back = TransportResult.load(tmp_path / "run")
     assert back.target is None and torch.equal(back.result, b.result)
     assert not (tmp_path / "run" / "target.png").exists() and (tmp_path / "run" / "result.png").is_file()
@@ -202,14 +204,20 @@ def test_without_control_rows_the_result_is_the_same(tiny_flux, stats_dir, every
     assert torch.equal(r.result, r.source)
 
 
-def test_two_row_batch_under_batched_cfg(tmp_path):
-    # PixArt runs guidance as [uncond rows; cond rows] in one call: the two-row layout must pick
-    # the source's and the result's rows in both halves.
+@pytest.fixture(scope="module")
+def tiny_pixart(tmp_path_factory):
     from massact_nn.tracing.model import load_model
     from massact_nn.tracing.testing.tiny import BUILDERS
 
-    BUILDERS["pixart"](tmp_path / "pixart", seed=0, plant=None)
-    model = load_model(tmp_path / "pixart")
+    folder = tmp_path_factory.mktemp("pixart")
+    BUILDERS["pixart"](folder, seed=0, plant=None)
+    return load_model(folder)
+
+
+def test_two_row_batch_under_batched_cfg(tiny_pixart):
+    # PixArt runs guidance as [uncond rows; cond rows] in one call: the two-row layout must pick
+    # the source's and the result's rows in both halves.
+    model = tiny_pixart
     g = GenerationConfig(steps=2, seed=5, height=32, width=32, guidance_scale=3.0)
     chans = {s.module: torch.arange(s.channels) for s in sites_of(model)}
     kw = dict(generation=g, channels=chans, copy_norm_out=True, progress=False)
@@ -225,6 +233,15 @@ def test_two_row_batch_under_batched_cfg(tmp_path):
     assert (a.result - a.target).abs().max() > 1e-4 and (a.result - a.source).abs().max() > 1e-4
 
 
+def test_image_source_on_an_unsupported_family_is_refused_first(tiny_pixart, tmp_path):
+    chans = {s.module: torch.arange(2) for s in sites_of(tiny_pixart)}
+    src = ImageSource(torch.zeros(1, 3, 32, 32), "a red cat")
+    cfg = TransportConfig(generation=GenerationConfig(steps=1, height=32, width=32), channels=chans,
+                          mode="two_pass", progress=False)
+    with pytest.raises(MassactError, match="not supported for the 'pixart' family yet; accepted: flux"):
+        transport(tiny_pixart, src, ["a dog"], None, cfg)
+
+
 def test_cli_no_control(tiny_flux_dir, stats_dir, tmp_path, capsys):
     code = cli(["transport", "--model", str(tiny_flux_dir), "--stats", str(stats_dir), "--num-steps", "2",
                 "--height", "32", "--width", "32", "--source-prompt", "a red cat", "--target-prompt", "a dog",
@@ -232,6 +249,25 @@ def test_cli_no_control(tiny_flux_dir, stats_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "result -> source" in out and "result -> target" not in out
     assert TransportResult.load(tmp_path / "o").target is None
+    assert not (tmp_path / "o" / "target.png").exists()
+
+
+@pytest.mark.parametrize("mode", ["batched", "two_pass"])
+def test_pairs_with_different_token_masks_match_single_pair_runs(tiny_flux, stats_dir, mode):
+    # Three pairs, two sharing a mask (one group) and one on its own: each result must equal the
+    # pair transported alone with its own mask and seed.
+    srcs, tgts = SRC + ["a yellow moon"], TGT + ["a small house"]
+    p = torch.zeros(3, 8, 8, dtype=torch.bool)
+    p[0, :4] = p[2, :4] = True
+    p[1, :, 5:] = True
+    kw = dict(k=3, alpha=0.8, mode=mode, progress=False)
+    many = transport(tiny_flux, srcs, tgts, stats_dir, TransportConfig(generation=GEN, token_mask=p, **kw))
+    for j in range(3):
+        g = GenerationConfig(**{**GEN.to_json(), "seed": GEN.seed + j})
+        cfg = TransportConfig(generation=g, token_mask=p[j], **kw)
+        one = transport(tiny_flux, srcs[j], tgts[j], stats_dir, cfg)
+        torch.testing.assert_close(many.result[j], one.result[0], rtol=1e-4, atol=1e-5)
+    assert (many.result - many.target).abs().amax((1, 2, 3)).min() > 1e-4
 
 
 def test_image_conditioned_transport(tiny_flux, stats_dir, tmp_path):

@@ -30,6 +30,7 @@ from massact_nn.transport import TransportResult, check_alpha, gather, scatter_b
 
 from ..adapters import read_image, write_image
 from ..generation import GenerationConfig
+from ..model import model_adapter
 from .common import Plan, channel_sets, find_judge, load_stats, make_plan, probe_meta, write_pngs
 from .transport_parts import (
     ImageSource,
@@ -129,6 +130,9 @@ def transport(
                            "mode='two_pass' with an image source")
     if image_source:
         _check_image_source(source)
+        from .real_image import check_supported
+
+        check_supported(model_adapter(model).name)
     plan = make_plan(model, config.generation, config.sites, config.steps)
     channels = _channels(plan, stats, config)
     named = {}
@@ -245,6 +249,12 @@ def _groups(plan: Plan, p: torch.Tensor, n: int, copies: int, src_copy: int | No
     return out
 
 
+def _all_channels(x: torch.Tensor, cache: dict) -> torch.Tensor:
+    if "ids" not in cache:
+        cache["ids"] = torch.arange(x.shape[-1], device=x.device)
+    return cache["ids"]
+
+
 def _batched(model, plan, sources, targets, channels, p, config):
     n = len(targets)
     copies = 3 if config.control else 2  # [sources; targets; results] or [sources; results]
@@ -253,6 +263,7 @@ def _batched(model, plan, sources, targets, channels, p, config):
     chans = {m: c.to(device) for m, c in channels.items()}
     blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
     norm_out = model.transformer.norm_out
+    every: dict = {}  # norm_out's channel ids, built once
     alpha = config.alpha
 
     def edit(h: torch.Tensor, ch: torch.Tensor) -> torch.Tensor:
@@ -273,7 +284,7 @@ def _batched(model, plan, sources, targets, channels, p, config):
             blk.output = write_image(lay, out, edit(h, chans[s.module]), plan.n_img)
         if config.copy_norm_out:
             x = norm_out.output
-            norm_out.output = edit(x, torch.arange(x.shape[-1], device=device))
+            norm_out.output = edit(x, _all_channels(x, every))
 
     prompts = sources + targets * (copies - 1)
     images = _generate(model, plan, prompts, _pair_gens(plan, n, copies, device), body)
@@ -288,6 +299,7 @@ def _capture(model, plan, sources, channels, p, config):
     chans = {m: c.to(device) for m, c in channels.items()}
     blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
     norm_out = model.transformer.norm_out
+    every: dict = {}  # norm_out's channel ids, built once
     stored: dict = {"groups": groups}
     count = {"stored_bytes": 0, "full_bytes": 0}
 
@@ -307,7 +319,7 @@ def _capture(model, plan, sources, channels, p, config):
             keep(h, call.index, s.module, chans[s.module])
         if config.copy_norm_out:
             x = norm_out.output
-            keep(x, call.index, "norm_out", torch.arange(x.shape[-1], device=device))
+            keep(x, call.index, "norm_out", _all_channels(x, every))
 
     images = _generate(model, plan, list(sources), _pair_gens(plan, n, 1, device), body)
     return images, stored, count
@@ -323,6 +335,7 @@ def _inject(model, plan, targets, stored, channels, p, config):
     chans = {m: c.to(device) for m, c in channels.items()}
     blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
     norm_out = model.transformer.norm_out
+    every: dict = {}  # norm_out's channel ids, built once
 
     def put(h, module, ch, call):
         new = h.clone()
@@ -340,7 +353,7 @@ def _inject(model, plan, targets, stored, channels, p, config):
             blk.output = write_image(lay, out, put(h, s.module, chans[s.module], call), plan.n_img)
         if config.copy_norm_out:
             x = norm_out.output
-            norm_out.output = put(x, "norm_out", torch.arange(x.shape[-1], device=device), call)
+            norm_out.output = put(x, "norm_out", _all_channels(x, every), call)
 
     images = _generate(model, plan, targets * copies, _pair_gens(plan, n, copies, device), body)
     return (images[:n] if config.control else None), images[-n:]
@@ -364,6 +377,8 @@ def save_transport(result: TransportResult, folder: str | Path) -> Path:
     result.save(folder)
     pngs = {"source": result.source, "target": result.target, "result": result.result}
     write_pngs(folder, {k: v for k, v in pngs.items() if v is not None})
+    if result.target is None:  # a folder reused from a run with the control must not keep its target
+        (folder / "target.png").unlink(missing_ok=True)
     h, w = result.result.shape[-2:]
     masks = result.token_mask if result.token_mask.ndim == 3 else result.token_mask[None]
     pix = torch.stack([upsample_mask(m, (h, w)) for m in masks]).float()

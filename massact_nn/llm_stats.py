@@ -69,7 +69,8 @@ class PositionAccumulator:
         _, flat = torch.topk(a, n)
         # Signed values: Sun et al. report the sign too (massive activations are often negative).
         vals = h.detach().float().flatten()[flat]
-        rows.append((prompt, vals.cpu(), flat.cpu(), a.median().cpu()))
+        # Kept on the model's device until result(): a read-back here would stall a GPU per layer.
+        rows.append((prompt, vals, flat, a.median()))
 
     def result(self) -> TokenPositions:
         """Per-layer summaries (see :class:`TokenPositions`)."""
@@ -78,6 +79,7 @@ class PositionAccumulator:
             rows = self._rows[s.module]
             if not rows:
                 raise MassactError(f"site {s.module}: no hidden states were accumulated")
+            rows = [(p, v.cpu(), f.cpu(), m.cpu()) for p, v, f, m in rows]
             layers.append(self._layer(s, rows))
         return TokenPositions(
             layers=layers,

@@ -88,11 +88,13 @@ def collect_llm_stats(
         pos.set_tokens(i, llm.tokenizer.convert_ids_to_tokens(ids[real].tolist()))
         n_tokens.append(int(real.sum()))
         inputs = {k: v.to(device) for k, v in enc.items()}
-        real = real.to(device)
+        # Token ids of the real tokens, found on the CPU: a boolean-mask index on the device
+        # would read its count back at every layer.
+        keep = slice(None) if bool(real.all()) else real.nonzero().flatten().to(device)
         acc.begin_batch(1)
         with torch.no_grad(), llm.model.trace(**inputs):
             for s in sites:
-                h = read_hidden(envoys[s.module].output, s.module, s.channels)[:, real]  # [1, T, C]
+                h = read_hidden(envoys[s.module].output, s.module, s.channels)[:, keep]  # [1, T, C]
                 acc.update(s.module, 0, h)
                 pos.add(s.module, i, h[0])
         acc.end_batch()

@@ -249,30 +249,19 @@ def _groups(plan: Plan, p: torch.Tensor, n: int, copies: int, src_copy: int | No
     return out
 
 
-def _all_channels(x: torch.Tensor, cache: dict) -> torch.Tensor:
-    if "ids" not in cache:
-        cache["ids"] = torch.arange(x.shape[-1], device=x.device)
-    return cache["ids"]
+def _per_site(model: Any, plan: Plan, channels: dict[str, torch.Tensor], copy_norm_out: bool,
+              fn: Any, write: bool) -> Any:
+    """A trace body running ``fn(h, module, channel_ids, call)`` at every site and active call.
 
-
-def _batched(model, plan, sources, targets, channels, p, config):
-    n = len(targets)
-    copies = 3 if config.control else 2  # [sources; targets; results] or [sources; results]
+    ``h`` is each site's image stream (and, with ``copy_norm_out``, ``norm_out``'s output over
+    all its channels). With ``write``, what ``fn`` returns replaces the stream: a whole-output
+    assignment of a new tensor (design notes, pitfall 6). Channel ids move to the device once.
+    """
     device = model.pipeline.transformer.device
-    groups = _groups(plan, p, n, copies, 0, False, device)
     chans = {m: c.to(device) for m, c in channels.items()}
     blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
     norm_out = model.transformer.norm_out
-    every: dict = {}  # norm_out's channel ids, built once
-    alpha = config.alpha
-
-    def edit(h: torch.Tensor, ch: torch.Tensor) -> torch.Tensor:
-        # A new tensor for a whole-output assignment (design notes, pitfall 6); only the
-        # |p| x k entries of the result rows change, read from the source rows.
-        new = h.clone()
-        for g in groups:
-            scatter_blend_(new, gather(h, g["tokens"], ch, g["src"]), g["tokens"], ch, alpha, g["res"])
-        return new
+    every: dict = {}  # norm_out's channel ids, built at its first call
 
     def body(call):
         if not plan.active(call):
@@ -280,12 +269,34 @@ def _batched(model, plan, sources, targets, channels, p, config):
         for s in plan.sites:
             blk, lay = blocks[s.module], plan.layouts[s.module]
             out = blk.output
-            h = read_image(lay, out, plan.n_img, s.module)
-            blk.output = write_image(lay, out, edit(h, chans[s.module]), plan.n_img)
-        if config.copy_norm_out:
+            new = fn(read_image(lay, out, plan.n_img, s.module), s.module, chans[s.module], call)
+            if write:
+                blk.output = write_image(lay, out, new, plan.n_img)
+        if copy_norm_out:
             x = norm_out.output
-            norm_out.output = edit(x, _all_channels(x, every))
+            if "ids" not in every:
+                every["ids"] = torch.arange(x.shape[-1], device=x.device)
+            new = fn(x, "norm_out", every["ids"], call)
+            if write:
+                norm_out.output = new
 
+    return body
+
+
+def _batched(model, plan, sources, targets, channels, p, config):
+    n = len(targets)
+    copies = 3 if config.control else 2  # [sources; targets; results] or [sources; results]
+    device = model.pipeline.transformer.device
+    groups = _groups(plan, p, n, copies, 0, False, device)
+
+    def edit(h: torch.Tensor, _module: str, ch: torch.Tensor, _call: Any) -> torch.Tensor:
+        # Only the |p| x k entries of the result rows change, read from the source rows.
+        new = h.clone()
+        for g in groups:
+            scatter_blend_(new, gather(h, g["tokens"], ch, g["src"]), g["tokens"], ch, config.alpha, g["res"])
+        return new
+
+    body = _per_site(model, plan, channels, config.copy_norm_out, edit, write=True)
     prompts = sources + targets * (copies - 1)
     images = _generate(model, plan, prompts, _pair_gens(plan, n, copies, device), body)
     target = images[n:2 * n] if config.control else None
@@ -296,31 +307,18 @@ def _capture(model, plan, sources, channels, p, config):
     n = len(sources)
     device = model.pipeline.transformer.device
     groups = _groups(plan, p, n, 1, 0, False, device)
-    chans = {m: c.to(device) for m, c in channels.items()}
-    blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
-    norm_out = model.transformer.norm_out
-    every: dict = {}  # norm_out's channel ids, built once
     stored: dict = {"groups": groups}
     count = {"stored_bytes": 0, "full_bytes": 0}
 
-    def keep(h: torch.Tensor, index: int, module: str, ch: torch.Tensor) -> None:
+    def keep(h: torch.Tensor, module: str, ch: torch.Tensor, call: Any) -> None:
         for gi, g in enumerate(groups):
             # Advanced indexing copies: what is kept is only [rows, |p|, k], never a view of h.
             x = gather(h, g["tokens"], ch, g["src"])
-            stored[(index, module, gi)] = x
+            stored[(call.index, module, gi)] = x
             count["stored_bytes"] += x.numel() * x.element_size()
         count["full_bytes"] += h.numel() * h.element_size()
 
-    def body(call):
-        if not plan.active(call):
-            return
-        for s in plan.sites:
-            h = read_image(plan.layouts[s.module], blocks[s.module].output, plan.n_img, s.module)
-            keep(h, call.index, s.module, chans[s.module])
-        if config.copy_norm_out:
-            x = norm_out.output
-            keep(x, call.index, "norm_out", _all_channels(x, every))
-
+    body = _per_site(model, plan, channels, config.copy_norm_out, keep, write=False)
     images = _generate(model, plan, list(sources), _pair_gens(plan, n, 1, device), body)
     return images, stored, count
 
@@ -330,31 +328,15 @@ def _inject(model, plan, targets, stored, channels, p, config):
     copies = 2 if config.control else 1  # [targets; results] or [results]
     device = model.pipeline.transformer.device
     # The capture's grouping, unless it stored one entry per pair (a real-image source).
-    per_pair = "groups" not in stored
-    groups = _groups(plan, p, n, copies, None, per_pair, device)
-    chans = {m: c.to(device) for m, c in channels.items()}
-    blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
-    norm_out = model.transformer.norm_out
-    every: dict = {}  # norm_out's channel ids, built once
+    groups = _groups(plan, p, n, copies, None, "groups" not in stored, device)
 
-    def put(h, module, ch, call):
+    def put(h: torch.Tensor, module: str, ch: torch.Tensor, call: Any) -> torch.Tensor:
         new = h.clone()
         for gi, g in enumerate(groups):
             scatter_blend_(new, stored[(call.index, module, gi)], g["tokens"], ch, config.alpha, g["res"])
         return new
 
-    def body(call):
-        if not plan.active(call):
-            return
-        for s in plan.sites:
-            blk, lay = blocks[s.module], plan.layouts[s.module]
-            out = blk.output
-            h = read_image(lay, out, plan.n_img, s.module)
-            blk.output = write_image(lay, out, put(h, s.module, chans[s.module], call), plan.n_img)
-        if config.copy_norm_out:
-            x = norm_out.output
-            norm_out.output = put(x, "norm_out", _all_channels(x, every), call)
-
+    body = _per_site(model, plan, channels, config.copy_norm_out, put, write=True)
     images = _generate(model, plan, targets * copies, _pair_gens(plan, n, copies, device), body)
     return (images[:n] if config.control else None), images[-n:]
 

@@ -134,6 +134,7 @@ class StatsAccumulator:
         """Start a batch of ``prompts`` trajectories (rows map to them via ``prompt_of_row``)."""
         if prompts < 1:
             raise MassactError(f"prompts={prompts!r} is out of range; accepted: an integer >= 1")
+        self._require_closed()
         self._batch_prompts = prompts
         for a in self._acc.values():
             a.in_batch = True
@@ -331,7 +332,8 @@ class StatsAccumulator:
 
     def _require_closed(self) -> None:
         if any(a.in_batch for a in self._acc.values()):
-            raise MassactError("a batch is still open; accepted: end_batch() before result()")
+            raise MassactError("a batch is still open; accepted: end_batch() before result() or the "
+                               "next begin_batch()")
 
     def check_finite(self) -> None:
         """Raise on the earliest (step, layer) whose activations were not finite.

@@ -259,3 +259,5 @@ def test_batch_order_is_enforced():
         acc.update("blocks.0", 0, torch.zeros(1, 2, 6))
     with pytest.raises(MassactError, match="still open"):
         acc.result()
+    with pytest.raises(MassactError, match="still open"):
+        acc.begin_batch(1)

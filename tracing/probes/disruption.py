@@ -72,18 +72,19 @@ class DisruptionConfig:
 
 def disrupt_output(
     layout: str, out: Any, n_img: int, channels: torch.Tensor, mode: str = "zero",
-    alpha: float = 0.0, values: torch.Tensor | None = None, signed: bool = True,
+    alpha: float = 0.0, values: torch.Tensor | None = None, signed: bool = True, checked: bool = False,
 ) -> Any:
     """A block's output with the chosen image-stream channels disrupted (a new object).
 
     Use it inside your own trace: ``blk.output = disrupt_output(layout, blk.output, n_img, ch)``.
-    Every row is edited (under batched CFG both the unconditional and conditional rows).
+    Every row is edited (under batched CFG both the unconditional and conditional rows). At every
+    site and step, check the ids once beforehand and pass ``checked=True`` (see :func:`ablate`).
 
     Shapes:
         channels: [k]; values: [k] (``mean`` mode; magnitudes when ``signed`` is false).
     """
     h = read_image(layout, out, n_img)
-    return write_image(layout, out, ablate(h, channels, mode, alpha, values, signed), n_img)
+    return write_image(layout, out, ablate(h, channels, mode, alpha, values, signed, checked), n_img)
 
 
 def generate_images(
@@ -131,7 +132,7 @@ def generate_images(
                         ch, vals = edit[s.module]
                         blk = blocks[s.module]
                         blk.output = disrupt_output(plan.layouts[s.module], blk.output, plan.n_img,
-                                                    ch, mode, alpha, vals, signed)
+                                                    ch, mode, alpha, vals, signed, checked=True)
             res = tracer.result.save()
         chunks.append(res[0].float().cpu())
         if bar is not None:

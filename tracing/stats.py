@@ -83,6 +83,18 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
     schedule = call_schedule(gen.steps, per_step)
     bar = tqdm(total=len(prompts) * len(schedule), desc="stats", unit="call", disable=not config.progress)
     blocks = {s.module: model.transformer.get(s.module) for s in sites}
+
+    def measure(call, rows: slice, expected: int) -> None:
+        # Runs at every transformer call: nothing here may read a value back from the device.
+        if not (call.conditional or config.include_uncond):
+            return
+        for s in sites:
+            out = blocks[s.module].output
+            h = read_image(layout[s.module], out, n_img, s.module)
+            _check_rows(h, expected, batched_cfg, s.module)
+            # Default row layout: row r is prompt r % n (uncond rows, then cond rows).
+            acc.update(s.module, call.step, h[rows])
+
     for first, chunk in batches(prompts, gen.batch_size):
         acc.begin_batch(len(chunk))
         n = len(chunk)
@@ -93,16 +105,7 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
         expected = 2 * n if batched_cfg else n
         with model.generate(chunk, **kw) as tracer:
             for i in tracer.iter[: len(schedule)]:
-                call = schedule[i]
-                take = call.conditional or config.include_uncond
-                for s in sites:
-                    out = blocks[s.module].output
-                    if not take:
-                        continue
-                    h = read_image(layout[s.module], out, n_img, s.module)
-                    _check_rows(h, expected, batched_cfg, s.module)
-                    # Default row layout: row r is prompt r % n (uncond rows, then cond rows).
-                    acc.update(s.module, call.step, h[rows])
+                measure(schedule[i], rows, expected)
                 bar.update(n)
         acc.end_batch()
     bar.close()

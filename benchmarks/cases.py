@@ -18,6 +18,7 @@ class Bench:
     side: int
     device: str
     sites: int = 0
+    width: int = 0
     extra: dict = field(default_factory=dict)
     stats: Any = None
 
@@ -27,10 +28,12 @@ class Bench:
         from massact_nn.tracing.sites import sites_of
 
         model = load_model(folder, device, dtype)
-        # Tiny VAE: 2x downsampling, then Flux packs 2x2 latents into one token.
-        side = int(round(tokens ** 0.5)) * 4
+        # Pixels per token side: the VAE's downsampling, then Flux packs 2x2 latents into a token
+        # (4 for the tiny builds, 2 for the toy, whose VAE keeps the resolution).
+        side = int(round(tokens ** 0.5)) * 2 * int(model.pipeline.vae_scale_factor)
         b = cls(model, tokens, steps, side, device)
-        b.sites = len(sites_of(model))
+        found = sites_of(model)
+        b.sites, b.width = len(found), found[0].channels
         return b
 
     def kwargs(self, n: int = 1, seed: int = 0) -> dict:

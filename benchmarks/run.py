@@ -122,6 +122,9 @@ def summarise(rows: list[dict], width: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="256 and 1024 tokens, 3 repetitions")
+    p.add_argument("--model", default="tiny", choices=("tiny", "toy"),
+                   help="tiny: a random FLUX.1 built at --width/--blocks; toy: the shipped toy model "
+                   "(256 tokens, its native size)")
     p.add_argument("--tokens", type=int, nargs="*", default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--steps", type=int, default=4)
@@ -139,15 +142,24 @@ def main() -> None:
         return child(args)
     torch.set_num_threads(1)
     tokens = args.tokens or ([256, 1024] if args.quick else [256, 1024, 4096])
+    if args.model == "toy":
+        tokens = args.tokens or [256]
     reps = args.reps or (3 if args.quick else 5)
     cases = args.cases or list(CASES)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build(Path(tmp) / "flux", args.width, tuple(args.blocks))
+        if args.model == "toy":
+            from massact_nn.tracing.model import toy_path
+
+            folder = toy_path()
+        else:
+            folder = build(Path(tmp) / "flux", args.width, tuple(args.blocks))
         for n in tokens:
             bench = Bench.load(folder, n, args.steps, args.device, args.dtype)
             where = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
-            print(f"== {n} image tokens, width {args.width}, blocks {tuple(args.blocks)}, "
+            shape = ("the toy model" if args.model == "toy"
+                     else f"width {args.width}, blocks {tuple(args.blocks)}")
+            print(f"== {n} image tokens, {shape}, "
                   f"{args.steps} steps, {bench.sites} sites, {where} {args.dtype}, torch {torch.__version__}")
             for c in cases:  # warm-up
                 CASES[c](bench)
@@ -177,7 +189,7 @@ def main() -> None:
         from massact_nn._io import save_json
 
         save_json(args.json, rows)
-    summarise(rows, args.width)
+    summarise(rows, bench.width)
     at = [r for r in rows if r["case"] == "stats" and r["tokens"] == 1024]
     if at:
         print(f"stats/plain at 1024 tokens: {at[0]['time_ratio']:.3f}")

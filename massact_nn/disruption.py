@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ._io import load_json, load_tensors, save_run
-from .errors import MassactError, choice_error
+from .errors import MassactError, check_channel_ids, choice_error
 
 MODES = ("zero", "mean", "token_mean", "scale")
 """``zero``: set to 0. ``mean``: set to the channel's dataset mean from the statistics run (its
@@ -78,16 +78,6 @@ def ablate(
     out = h.clone()
     out[..., ch] = new.to(h.dtype)
     return out
-
-
-def check_channel_ids(channels: torch.Tensor, width: int) -> None:
-    """Raise unless every id is in ``0..width-1`` (reads the values: keep ``channels`` on the CPU).
-
-    Shapes:
-        channels: [k].
-    """
-    if channels.numel() and (int(channels.max()) >= width or int(channels.min()) < 0):
-        raise MassactError(f"channel ids {channels.tolist()} out of range; accepted: 0..{width - 1}")
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 
 class MassactError(ValueError):
@@ -23,3 +24,16 @@ def check_k(k: int, channels: int, what: str = "k") -> int:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > channels:
         raise MassactError(f"{what}={k!r} is out of range; accepted: 1..{channels} (the channel count)")
     return k
+
+
+def check_channel_ids(channels: Any, width: int, where: str = "") -> None:
+    """Raise unless every id is in ``0..width-1``.
+
+    It reads the values: call it on ids on the CPU, once, not inside a loop over a GPU's calls.
+
+    Shapes:
+        channels: [k] (a tensor).
+    """
+    if channels.numel() and (int(channels.max()) >= width or int(channels.min()) < 0):
+        prefix = f"{where}: " if where else ""
+        raise MassactError(f"{prefix}channel ids {channels.tolist()} out of range; accepted: 0..{width - 1}")

@@ -14,7 +14,7 @@ import torch
 
 from ._io import load_json, load_tensors, save_run
 from .disruption import _read_meta
-from .errors import MassactError
+from .errors import MassactError, check_channel_ids
 
 
 def channel_mask(channels: torch.Tensor, width: int) -> torch.Tensor:
@@ -24,8 +24,7 @@ def channel_mask(channels: torch.Tensor, width: int) -> torch.Tensor:
         channels: [k] -> [width] bool.
     """
     ch = channels.long().flatten()
-    if ch.numel() and (int(ch.max()) >= width or int(ch.min()) < 0):
-        raise MassactError(f"channel ids {ch.tolist()} out of range; accepted: 0..{width - 1}")
+    check_channel_ids(ch, width)
     m = torch.zeros(width, dtype=torch.bool)
     m[ch] = True
     return m

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from massact_nn.disruption import MODES, DisruptionResult, ablate, check_channel_ids
-from massact_nn.errors import MassactError, check_k, choice_error
+from massact_nn.disruption import MODES, DisruptionResult, ablate
+from massact_nn.errors import MassactError, check_channel_ids, check_k, choice_error
 from massact_nn.images import grid, save_png
 from massact_nn.metrics import mse, psnr, summarise
 from massact_nn.selection import CONTROLS

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from massact_nn.errors import MassactError, choice_error
+from massact_nn.errors import MassactError, check_channel_ids, choice_error
 from massact_nn.stats import ChannelStats
 from massact_nn.transport import TransportResult, check_alpha, gather, scatter_blend_
 
@@ -208,9 +208,7 @@ def _channels(plan: Plan, stats: Any, config: TransportConfig) -> dict[str, torc
         out = {}
         for s in plan.sites:
             ch = torch.as_tensor(config.channels[s.module], dtype=torch.long).flatten()
-            if ch.numel() and (int(ch.max()) >= s.channels or int(ch.min()) < 0):
-                raise MassactError(f"site {s.module}: channel ids {ch.tolist()} out of range; "
-                                   f"accepted: 0..{s.channels - 1}")
+            check_channel_ids(ch, s.channels, f"site {s.module}")
             out[s.module] = ch
         return out
     if stats is None:

@@ -107,7 +107,7 @@ def test_token_masks_union_and_complement_cover_grid(tmp_path):
 def test_rows_of_batched_cfg_layout():
     assert rows_of(2, 2, 3, False).tolist() == [4, 5]
     assert rows_of(0, 2, 3, True).tolist() == [0, 1, 6, 7]
-    assert rows_of(1, 2, 2, True, pair=1).tolist() == [3, 7]
+    assert group_rows([1], 1, 2, 2, True).tolist() == [3, 7]
 
 
 # -- on a tiny Flux ---------------------------------------------------------------------------

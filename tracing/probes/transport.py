@@ -160,7 +160,8 @@ def transport(
             else:
                 s_img, stored, nb = _capture(model, sub, sc, channels, pp, config)
             bar.update(1)
-            imgs = [s_img, *_inject(model, sub, tg, stored, channels, pp, config)]
+            # A real-image capture stores one entry per pair; a text capture one per mask group.
+            imgs = [s_img, *_inject(model, sub, tg, stored, channels, pp, config, per_pair=image_source)]
             bar.update(1)
         out.append(tuple(imgs))
         nbytes = {k: nbytes[k] + nb[k] for k in nbytes}
@@ -305,7 +306,7 @@ def _capture(model, plan, sources, channels, p, config):
     n = len(sources)
     device = model.pipeline.transformer.device
     groups = _groups(plan, p, n, 1, 0, False, device)
-    stored: dict = {"groups": groups}
+    stored: dict = {}
     count = {"stored_bytes": 0, "full_bytes": 0}
 
     def keep(h: torch.Tensor, module: str, ch: torch.Tensor, call: Any) -> None:
@@ -321,12 +322,11 @@ def _capture(model, plan, sources, channels, p, config):
     return images, stored, count
 
 
-def _inject(model, plan, targets, stored, channels, p, config):
+def _inject(model, plan, targets, stored, channels, p, config, per_pair: bool):
     n = len(targets)
     copies = 2 if config.control else 1  # [targets; results] or [results]
     device = model.pipeline.transformer.device
-    # The capture's grouping, unless it stored one entry per pair (a real-image source).
-    groups = _groups(plan, p, n, copies, None, "groups" not in stored, device)
+    groups = _groups(plan, p, n, copies, None, per_pair, device)  # the capture's grouping
 
     def put(h: torch.Tensor, module: str, ch: torch.Tensor, call: Any) -> torch.Tensor:
         new = h.clone()

@@ -32,17 +32,16 @@ class ImageSource:
     posterior: str = "mode"
 
 
-def rows_of(copy: int, n: int, copies: int, batched_cfg: bool, pair: int | None = None) -> torch.Tensor:
+def rows_of(copy: int, n: int, copies: int, batched_cfg: bool) -> torch.Tensor:
     """Batch rows of one copy (source/target/result) of ``n`` pairs laid out copy-major.
 
     Under batched CFG the batch is ``[uncond rows; cond rows]`` (design notes, pitfall 7), so each
     pair has two rows, returned unconditional first.
 
     Shapes:
-        -> [n] or [2n] (``pair=None``), [1] or [2] for one pair.
+        -> [n] or [2n].
     """
-    j = torch.arange(n) if pair is None else torch.tensor([pair])
-    base = copy * n + j
+    base = copy * n + torch.arange(n)
     return torch.cat([base, base + copies * n]) if batched_cfg else base
 
 

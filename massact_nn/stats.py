@@ -48,36 +48,65 @@ def _index(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
-class _SiteAccumulator:
-    """Running sums for one site (all tensors live on the model's device)."""
+class _Site:
+    """One site's host-side bookkeeping; its sums are a row of its group's stacked tensors."""
 
-    def __init__(self, channels: int, steps: int, per_step: bool, device: torch.device) -> None:
-        z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
-        self.channels = channels
-        self.sum_abs_m = z(channels)
-        self.sum_m = z(channels)
-        self.sum_mean_abs = z(channels)
-        self.max_abs = z(channels)
+    def __init__(self, module: str, group: _Group, pos: int) -> None:
+        self.module, self.group, self.pos = module, group, pos
         self.count = 0
-        self.step_sum = z(steps, channels) if per_step else None
-        self.step_count = [0] * steps
-        self.nonfinite = torch.zeros(steps, dtype=torch.int32, device=device)
+        self.step_count = [0] * group.steps
         self.in_batch = False
-        # Per batch. prompt_sum: each prompt's summed |token-mean| ([P, channels]). A step's
-        # per-prompt sums are closed into its top-k set once a later step arrives; the last step
-        # seen stays open (under true CFG with unconditional calls counted a step spans two
-        # calls, possibly across a flush, and its set must come from both).
-        self.prompt_sum: torch.Tensor | None = None
-        self.step_sets: list[torch.Tensor | None] = []  # [P, k] per step
-        self.open_step: int | None = None
-        self.open_sum: torch.Tensor | None = None  # [P, channels]
         self.last_step = -1
-        self.bad_prompt: torch.Tensor | None = None  # device flag: a prompt id out of range
+        # The last step seen stays open: under true CFG with unconditional calls counted, a step
+        # spans two calls (possibly across a fold) and its top-k set must come from both.
+        self.open_step: int | None = None
+        self.closed: set[int] = set()  # steps of this batch whose top-k sets are written
         # Reductions of updates not folded in yet: (step, prompt_of_row, sum, sum |h|, max |h|,
-        # tokens), each [rows, channels] / [rows].
+        # tokens), each [rows, channels] / [rows]; their steps, sizes and dtypes; and whether
+        # they need the general fold (explicit prompt ids or differing row counts).
         self.pending: list[tuple] = []
-        self.prompt_sets: list[torch.Tensor] = []  # [P_batch, k] per finished batch
-        self.step_sets_done: list[torch.Tensor] = []  # [P_batch, S, k] per finished batch
+        self.shape: tuple = ()
+        self.irregular = False
+
+    def hold(self, step: int, prompt_of_row: torch.Tensor | None, sums: tuple, tokens: int) -> None:
+        """Keep one update's reductions until the next fold."""
+        self.pending.append((step, prompt_of_row, *sums, tokens))
+        s, linf = sums[0], sums[2]
+        self.shape += ((step, s.shape[0], tokens, linf.dtype, s.device),)
+        self.irregular |= prompt_of_row is not None or s.shape[0] != self.pending[0][2].shape[0]
+
+    def clear(self) -> None:
+        self.pending, self.shape, self.irregular = [], (), False
+
+    def fold_key(self) -> tuple | None:
+        """What must match for neighbouring sites to be folded together; None: fold it alone."""
+        return None if self.irregular else (self.open_step, self.shape)
+
+
+class _Group:
+    """Running sums of the sites that share a width, stacked so one fold serves all of them.
+
+    A site-by-site fold costs a dozen kernels per site: on a GPU, 57 sites make ~700 launches at
+    the end of every batch, which the host issues after the generation has finished.
+
+    Shapes:
+        sum_abs_m, sum_m, sum_mean_abs, max_abs: [sites, channels]; step_sum: [sites, steps,
+        channels]; nonfinite: [sites, steps]. Per batch: prompt_sum, open_sum: [sites, prompts,
+        channels]; step_sets: [sites, prompts, steps, k]; bad_prompt: [sites].
+    """
+
+    def __init__(self, n: int, channels: int, steps: int, per_step: bool, device: torch.device) -> None:
+        z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
+        self.channels, self.steps = channels, steps
+        self.sites: list[_Site] = []
+        self.sum_abs_m, self.sum_m, self.sum_mean_abs, self.max_abs = (z(n, channels) for _ in range(4))
+        self.step_sum = z(n, steps, channels) if per_step else None
+        self.nonfinite = torch.zeros(n, steps, dtype=torch.int32, device=device)
+        self.prompt_sum = self.open_sum = self.step_sets = self.bad_prompt = None
+        self.batch_top: torch.Tensor | None = None  # [sites, P, k]: this batch's per-prompt sets
+        self.prompt_sets: list[torch.Tensor] = []  # [sites, P_batch, k] per finished batch
+        self.step_sets_done: list[torch.Tensor] = []  # [sites, P_batch, steps, k] per finished batch
+        self.ready = 0  # sites holding flush_every or more pending updates
 
 
 class StatsAccumulator:
@@ -86,11 +115,13 @@ class StatsAccumulator:
     ``update`` runs inside the trace at every site and step, so it does the least work that
     keeps nothing token-sized: three reductions over the tokens (sum, sum |h| and max |h|).
     Folding them into the running sums, the per-step and per-prompt sets and the finiteness
-    check is batched over several updates (``flush_every``, and at the end of a batch): per-call
-    kernel launches and Python work, not arithmetic, are what a wide model's GPU would otherwise
-    wait on. With the default row layout the per-(step, prompt) sums are reshapes and plain sums,
-    deterministic on a GPU too; explicit ``prompt_of_row`` ids use ``index_add_``, whose float
-    atomics may differ in the last bits between GPU runs.
+    check is deferred and batched: once every site of a width holds ``flush_every`` updates,
+    one fold handles all of them (sites of one width keep their sums stacked), and ``fold()``
+    or ``end_batch`` folds the rest. Per-call kernel launches and Python work, not arithmetic,
+    are what a wide model's GPU would otherwise wait on. With the default row layout the
+    per-(step, prompt) sums are reshapes and plain sums, deterministic on a GPU too; explicit
+    ``prompt_of_row`` ids use ``index_add_``, whose float atomics may differ in the last bits
+    between GPU runs.
 
     Within a batch each site's updates come in ascending step order (several per step allowed).
 
@@ -102,7 +133,8 @@ class StatsAccumulator:
         device: Where the running sums live (the model's device).
         flush_every: Updates per site held before they are folded in; the held reductions take
             ``flush_every × rows × channels × (8 + itemsize)`` bytes per site (FLUX.1-dev, one
-            row, bf16: 57 sites × 8 × 3072 × 10 B = 14 MB).
+            row, bf16: 57 sites × 8 × 3072 × 10 B = 14 MB). A site whose group lags (only some
+            sites updated) is folded alone at ``4 × flush_every``.
     """
 
     def __init__(
@@ -124,10 +156,15 @@ class StatsAccumulator:
         self.steps, self.k, self.per_step = steps, k, per_step
         self.device = torch.device(device)
         self.flush_every = flush_every
-        self._acc = {
-            s.module: _SiteAccumulator(s.channels, steps, per_step, self.device) for s in self.sites
-        }
+        widths = {s.channels: sum(x.channels == s.channels for x in self.sites) for s in self.sites}
+        self._groups = {c: _Group(n, c, steps, per_step, self.device) for c, n in widths.items()}
+        self._site: dict[str, _Site] = {}
+        for s in self.sites:
+            g = self._groups[s.channels]
+            self._site[s.module] = a = _Site(s.module, g, len(g.sites))
+            g.sites.append(a)
         self._batch_prompts = 0
+        self._folded = False
         self._aranges: dict[int, torch.Tensor] = {}
 
     def begin_batch(self, prompts: int) -> None:
@@ -135,14 +172,18 @@ class StatsAccumulator:
         if prompts < 1:
             raise MassactError(f"prompts={prompts!r} is out of range; accepted: an integer >= 1")
         self._require_closed()
-        self._batch_prompts = prompts
-        for a in self._acc.values():
-            a.in_batch = True
-            a.prompt_sum = torch.zeros(prompts, a.channels, device=self.device)
-            a.step_sets = [None] * self.steps
-            a.open_step, a.open_sum, a.last_step = None, None, -1
-            a.bad_prompt = torch.zeros((), dtype=torch.bool, device=self.device)
-            a.pending = []
+        self._batch_prompts, self._folded = prompts, False
+        dev = self.device
+        for g in self._groups.values():
+            n, c = len(g.sites), g.channels
+            g.prompt_sum = torch.zeros(n, prompts, c, device=dev)
+            g.open_sum = torch.zeros(n, prompts, c, device=dev)
+            g.step_sets = torch.zeros(n, prompts, self.steps, self.k, dtype=torch.long, device=dev)
+            g.bad_prompt = torch.zeros(n, dtype=torch.bool, device=dev)
+            g.ready = 0
+        for a in self._site.values():
+            a.in_batch, a.last_step, a.open_step, a.closed = True, -1, None, set()
+            a.clear()
 
     def update(
         self, module: str, step: int, h: torch.Tensor, prompt_of_row: torch.Tensor | None = None
@@ -163,19 +204,21 @@ class StatsAccumulator:
         Shapes:
             h: [rows, tokens, channels]; prompt_of_row: [rows].
         """
-        a = self._acc.get(module)
+        a = self._site.get(module)
         if a is None:
-            raise choice_error("site", module, self._acc)
-        if not a.in_batch:
-            raise MassactError("update() outside a batch; accepted: begin_batch, updates, end_batch")
+            raise choice_error("site", module, self._site)
+        if not a.in_batch or self._folded:
+            raise MassactError(f"update() {'after fold()' if a.in_batch else 'outside a batch'}; "
+                               "accepted: begin_batch, updates, [fold], end_batch")
         if not 0 <= step < self.steps:
             raise MassactError(f"step={step} is out of range; accepted: 0..{self.steps - 1}")
         if step < a.last_step:
             raise MassactError(f"site {module}: step {step} after step {a.last_step}; accepted: "
                                "ascending steps within a batch")
-        if h.ndim != 3 or h.shape[-1] != a.channels or h.shape[0] < 1:
+        g = a.group
+        if h.ndim != 3 or h.shape[-1] != g.channels or h.shape[0] < 1:
             raise MassactError(
-                f"site {module}: expected image tokens [rows, tokens, {a.channels}], got {tuple(h.shape)}"
+                f"site {module}: expected image tokens [rows, tokens, {g.channels}], got {tuple(h.shape)}"
             )
         rows = h.shape[0]
         P = self._batch_prompts
@@ -199,60 +242,99 @@ class StatsAccumulator:
         habs = h.abs()
         l1 = torch.sum(habs, dim=1, dtype=torch.float32)
         linf = torch.amax(habs, dim=1)
-        a.pending.append((step, prompt_of_row, s, l1, linf, h.shape[1]))
+        a.hold(step, prompt_of_row, (s, l1, linf), h.shape[1])
         a.last_step = step
         a.step_count[step] += rows
         a.count += rows
-        if len(a.pending) >= self.flush_every:
-            self._flush(a)
+        held = len(a.pending)
+        if held == self.flush_every:
+            g.ready += 1
+            if g.ready == len(g.sites):
+                self._fold_group(g)
+        elif held >= 4 * self.flush_every:
+            self._fold_run(g, [a])
+            g.ready -= 1
+
+    def fold(self) -> None:
+        """Fold every held reduction in and close each site's last step; nothing is read back.
+
+        ``end_batch`` calls it. Calling it right after the batch's last update, inside the
+        trace, queues its kernels while a GPU still runs the last blocks, instead of after the
+        generation. No update is taken after it until the next batch.
+        """
+        if self._folded:
+            return
+        self._require_open()
+        for g in self._groups.values():
+            self._fold_group(g)
+            for run in _runs(g.sites, lambda a: a.open_step):
+                if run[0].open_step is not None:
+                    lo, hi = run[0].pos, run[-1].pos + 1
+                    self._close(run, [run[0].open_step], g.open_sum[lo:hi, None])
+                    for a in run:
+                        a.open_step = None
+            g.batch_top = torch.topk(g.prompt_sum, self.k, dim=-1).indices
+        self._folded = True
 
     def _arange(self, n: int) -> torch.Tensor:
         if n not in self._aranges:
             self._aranges[n] = torch.arange(n, device=self.device)
         return self._aranges[n]
 
-    def _flush(self, a: _SiteAccumulator) -> None:
-        """Fold the pending reductions in: a fixed handful of kernels per flush.
+    def _fold_group(self, g: _Group) -> None:
+        """Fold the held updates of a group, neighbouring sites with matching updates at once."""
+        held = [a for a in g.sites if a.pending]
+        for run in _runs(held, _Site.fold_key):
+            self._fold_run(g, run)
+        g.ready = 0
 
-        Rows of all pending updates are concatenated (updates may differ in row count).
+    def _fold_run(self, g: _Group, run: list[_Site]) -> None:
+        """Fold the held reductions of neighbouring sites with matching updates, all at once.
+
+        A fixed handful of kernels, however many sites the run has. Rows of all held updates are
+        concatenated (updates may differ in row count; then, or with explicit prompt ids, the run
+        is one site).
         """
-        if not a.pending:
-            return
-        pend, a.pending = a.pending, []
-        dev = self.device
+        pend = run[0].pending
+        lo, hi, dev, C = run[0].pos, run[-1].pos + 1, self.device, g.channels
         sizes = [x[2].shape[0] for x in pend]
-        sums = torch.cat([x[2] for x in pend]).to(dev)  # [N, C]
-        l1 = torch.cat([x[3] for x in pend]).to(dev)
-        linf = torch.cat([x[4] for x in pend]).to(dev).float()
+        n = sum(sizes)
+        cat = lambda j: torch.cat([x[j] for a in run for x in a.pending]).to(dev).view(len(run), n, C)  # noqa: E731
+        sums, l1, linf = cat(2), cat(3), cat(4).float()  # [sites, N, C]
         tokens = [x[5] for x, r in zip(pend, sizes) for _ in range(r)]
         if len(set(tokens)) == 1:
             per_token = 1.0 / tokens[0]
         else:
             per_token = 1.0 / torch.tensor(tokens, dtype=torch.float32, device=dev)[:, None]
-        m = sums * per_token  # token means [N, C]
+        m = sums * per_token  # token means
         absm = m.abs()
-        a.sum_abs_m += absm.sum(0)
-        a.sum_m += m.sum(0)
-        a.sum_mean_abs += (l1 * per_token).sum(0)
-        torch.maximum(a.max_abs, linf.amax(0), out=a.max_abs)
+        g.sum_abs_m[lo:hi].add_(absm.sum(1))
+        g.sum_m[lo:hi].add_(m.sum(1))
+        g.sum_mean_abs[lo:hi].add_((l1 * per_token).sum(1))
+        top = g.max_abs[lo:hi]
+        torch.maximum(top, linf.amax(1), out=top)
         row_steps = [x[0] for x, r in zip(pend, sizes) for _ in range(r)]
-        a.nonfinite.index_add_(0, _index(row_steps, dev), (~torch.isfinite(linf).all(1)).int())
+        g.nonfinite[lo:hi].index_add_(1, _index(row_steps, dev), (~torch.isfinite(linf).all(2)).int())
         steps = [x[0] for x in pend]
         uniq = sorted(set(steps))
         if all(x[1] is None for x in pend) and len(set(sizes)) == 1:
             per = self._group_regular(absm, steps, sizes[0])
         else:
-            per = self._group_general(a, absm, pend, sizes, uniq)
-        a.prompt_sum += per.sum(0)
-        if a.step_sum is not None:
-            a.step_sum[uniq[0]:uniq[-1] + 1] += _spread(per.sum(1), uniq)
-        if a.open_step is not None:
-            if a.open_step == uniq[0]:
-                per[0] += a.open_sum
+            per = self._group_general(g, lo, absm[0], pend, sizes, uniq)[None]
+        g.prompt_sum[lo:hi].add_(per.sum(1))
+        if g.step_sum is not None:
+            g.step_sum[lo:hi, uniq[0]:uniq[-1] + 1].add_(_spread(per.sum(2), uniq))
+        open_step = run[0].open_step
+        if open_step is not None:
+            if open_step == uniq[0]:
+                per[:, 0] += g.open_sum[lo:hi]
             else:
-                self._close(a, [a.open_step], a.open_sum[None])
-        self._close(a, uniq[:-1], per[:-1])
-        a.open_step, a.open_sum = uniq[-1], per[-1]
+                self._close(run, [open_step], g.open_sum[lo:hi, None])
+        self._close(run, uniq[:-1], per[:, :-1])
+        g.open_sum[lo:hi] = per[:, -1]
+        for a in run:
+            a.clear()
+            a.open_step = uniq[-1]
 
     def _group_regular(self, absm: torch.Tensor, steps: list[int], rows: int) -> torch.Tensor:
         """Per (step, prompt) sums for the default row layout, by reshapes and plain sums.
@@ -262,24 +344,24 @@ class StatsAccumulator:
         ``index_add_`` with repeated indices on a GPU.
 
         Shapes:
-            absm: [updates × rows, C] -> [distinct steps, prompts, C].
+            absm: [sites, updates × rows, C] -> [sites, distinct steps, prompts, C].
         """
-        P, C = self._batch_prompts, absm.shape[-1]
-        x = absm.view(len(steps), rows, C)
+        P, (S, _, C) = self._batch_prompts, absm.shape
+        x = absm.view(S, len(steps), rows, C)
         if rows > P:
-            x = x.view(len(steps), rows // P, P, C).sum(1)
+            x = x.view(S, len(steps), rows // P, P, C).sum(2)
         elif rows < P:
-            x = torch.cat([x, x.new_zeros(len(steps), P - rows, C)], 1)
+            x = torch.cat([x, x.new_zeros(S, len(steps), P - rows, C)], 2)
         runs = [len(list(g)) for _, g in itertools.groupby(steps)]
         if len(set(runs)) == 1:  # the same number of calls per step (1, or 2 under true CFG)
-            return x.view(len(runs), runs[0], P, C).sum(1)
+            return x.view(S, len(runs), runs[0], P, C).sum(2)
         ends = list(itertools.accumulate(runs))
-        return torch.stack([x[e - r:e].sum(0) for r, e in zip(runs, ends)])
+        return torch.stack([x[:, e - r:e].sum(1) for r, e in zip(runs, ends)], 1)
 
     def _group_general(
-        self, a: _SiteAccumulator, absm: torch.Tensor, pend: list[tuple], sizes: list[int], uniq: list[int]
+        self, g: _Group, pos: int, absm: torch.Tensor, pend: list[tuple], sizes: list[int], uniq: list[int]
     ) -> torch.Tensor:
-        """Per (step, prompt) sums for explicit ``prompt_of_row`` ids (``index_add_``).
+        """Per (step, prompt) sums for explicit ``prompt_of_row`` ids (``index_add_``), one site.
 
         Shapes:
             absm: [rows of all updates, C] -> [distinct steps, prompts, C].
@@ -289,49 +371,63 @@ class StatsAccumulator:
             (self._arange(r) if x[1] is None else x[1].to(dev)) for x, r in zip(pend, sizes)
         ]).long()
         ok = (prow >= 0) & (prow < P)
-        a.bad_prompt |= ~ok.all()
-        pos = {st: i for i, st in enumerate(uniq)}
-        flat = _index([pos[x[0]] for x, r in zip(pend, sizes) for _ in range(r)], dev) * P
+        g.bad_prompt[pos:pos + 1].logical_or_(~ok.all())
+        at = {st: i for i, st in enumerate(uniq)}
+        flat = _index([at[x[0]] for x, r in zip(pend, sizes) for _ in range(r)], dev) * P
         flat = flat + prow.clamp(0, P - 1)
         out = torch.zeros(len(uniq) * P, C, device=dev)
         out.index_add_(0, flat, absm * ok[:, None])
         return out.view(len(uniq), P, C)
 
-    def _close(self, a: _SiteAccumulator, steps: list[int], per: torch.Tensor) -> None:
-        """Per-step top-k sets of the finished steps (one topk for all of them)."""
+    def _close(self, run: list[_Site], steps: list[int], per: torch.Tensor) -> None:
+        """Per-step top-k sets of finished steps: one topk for the whole run of sites.
+
+        Shapes:
+            per: [sites, len(steps), prompts, C].
+        """
         if not steps:
             return
-        top = torch.topk(per, self.k, dim=-1).indices  # [W, P, k]
-        for i, st in enumerate(steps):
-            a.step_sets[st] = top[i]
+        g, lo, hi = run[0].group, run[0].pos, run[-1].pos + 1
+        top = torch.topk(per, self.k, dim=-1).indices.transpose(1, 2)  # [sites, P, W, k]
+        if steps == list(range(steps[0], steps[-1] + 1)):
+            g.step_sets[lo:hi, :, steps[0]:steps[-1] + 1] = top
+        else:
+            g.step_sets[lo:hi].index_copy_(2, _index(steps, self.device), top)
+        for a in run:
+            a.closed.update(steps)
 
     def end_batch(self) -> None:
         """Close a batch: keep each prompt's top-k set and per-step top-k sets."""
-        for a in self._acc.values():
-            self._flush(a)
-            if a.open_step is not None:
-                self._close(a, [a.open_step], a.open_sum[None])
-                a.open_step, a.open_sum = None, None
+        self.fold()
         # One read of the device flags for every site: prompt ids given on the device.
-        bad = torch.stack([a.bad_prompt for a in self._acc.values()]).cpu()
-        for (module, a), wrong in zip(self._acc.items(), bad.tolist()):
+        bad = torch.cat([g.bad_prompt for g in self._groups.values()]).cpu().tolist()
+        order = [a for g in self._groups.values() for a in g.sites]
+        for a in order:
             a.in_batch = False
+        for a, wrong in zip(order, bad):
             if wrong:
-                raise MassactError(f"site {module}: a prompt_of_row id was out of range; accepted: "
+                raise MassactError(f"site {a.module}: a prompt_of_row id was out of range; accepted: "
                                    f"0..{self._batch_prompts - 1}")
-            missing = [st for st, x in enumerate(a.step_sets) if x is None]
+        for a in self._site.values():
+            missing = sorted(set(range(self.steps)) - a.closed)
             if missing:
                 raise MassactError(
-                    f"site {module}: no activations seen at steps {missing}; the pipeline made "
+                    f"site {a.module}: no activations seen at steps {missing}; the pipeline made "
                     f"fewer transformer calls than the {self.steps} steps asked for"
                 )
-            # Kept on the device until result(): one transfer for everything, not one per site.
-            a.prompt_sets.append(torch.topk(a.prompt_sum, self.k, dim=1).indices)
-            a.step_sets_done.append(torch.stack(a.step_sets, 1))  # [P, S, k]
-            a.prompt_sum, a.step_sets = None, []
+        for g in self._groups.values():
+            # Kept on the device until result(): one transfer for everything.
+            g.prompt_sets.append(g.batch_top)
+            g.step_sets_done.append(g.step_sets)
+            g.prompt_sum = g.open_sum = g.step_sets = g.batch_top = None
+        self._folded = False
+
+    def _require_open(self) -> None:
+        if not all(a.in_batch for a in self._site.values()):
+            raise MassactError("no batch is open; accepted: begin_batch, updates, [fold], end_batch")
 
     def _require_closed(self) -> None:
-        if any(a.in_batch for a in self._acc.values()):
+        if any(a.in_batch for a in self._site.values()):
             raise MassactError("a batch is still open; accepted: end_batch() before result() or the "
                                "next begin_batch()")
 
@@ -342,12 +438,16 @@ class StatsAccumulator:
         block and, through the latents, every later step.
         """
         self._require_closed()
-        flags = torch.stack([a.nonfinite for a in self._acc.values()]).cpu()  # [sites, steps], one read
+        self._raise_nonfinite(torch.cat([g.nonfinite for g in self._groups.values()]).cpu())
+
+    def _raise_nonfinite(self, flags: torch.Tensor) -> None:
+        """Shapes: flags: [sites in group order, steps]."""
+        order = [a.module for g in self._groups.values() for a in g.sites]
+        layer = {s.module: i for i, s in enumerate(self.sites)}
         bad = []
-        for layer, module in enumerate(self._acc):
-            steps = flags[layer].nonzero().flatten().tolist()
-            if steps:
-                bad.append((steps[0], layer, module, steps))
+        for i in flags.any(1).nonzero().flatten().tolist():
+            steps = flags[i].nonzero().flatten().tolist()
+            bad.append((steps[0], layer[order[i]], order[i], steps))
         if bad:
             step, _, module, steps = min(bad)
             raise MassactError(
@@ -356,40 +456,74 @@ class StatsAccumulator:
             )
 
     def result(self, meta: dict | None = None) -> ChannelStats:
-        """Finish: means, maxima and stability summaries as a :class:`ChannelStats`."""
-        self.check_finite()
-        t: dict[str, torch.Tensor] = {}
-        for module, a in self._acc.items():
+        """Finish: means, maxima and stability summaries as a :class:`ChannelStats`.
+
+        Everything reaches the host in one transfer per dtype; the divisions run there.
+        """
+        self._require_closed()
+        for module, a in self._site.items():
             if a.count == 0:
                 raise MassactError(f"site {module}: no samples were accumulated")
-            t[f"abs_mean/{module}"] = a.sum_abs_m / a.count
-            t[f"mean_abs/{module}"] = a.sum_mean_abs / a.count
-            t[f"mean/{module}"] = a.sum_m / a.count
-            t[f"max_abs/{module}"] = a.max_abs
-            if a.step_sum is not None:
-                counts = torch.tensor(a.step_count, dtype=torch.float32).clamp_min(1)
-                t[f"per_step_abs_mean/{module}"] = a.step_sum / counts.to(a.step_sum.device)[:, None]
-            t[f"prompt_topk/{module}"] = torch.cat(a.prompt_sets)
-            t[f"step_topk/{module}"] = torch.cat(a.step_sets_done)
-        t = _to_host(t)
-        for module, a in self._acc.items():
-            t[f"count/{module}"] = torch.tensor([a.count], dtype=torch.int64)
-            t[f"step_count/{module}"] = torch.tensor(a.step_count, dtype=torch.int64)
+        dev: dict[str, torch.Tensor] = {}
+        for c, g in self._groups.items():
+            dev.update({f"{name}/{c}": getattr(g, name) for name in
+                        ("sum_abs_m", "sum_mean_abs", "sum_m", "max_abs", "nonfinite")})
+            if g.step_sum is not None:
+                dev[f"step_sum/{c}"] = g.step_sum
+            dev[f"prompt_topk/{c}"] = torch.cat(g.prompt_sets, 1)
+            dev[f"step_topk/{c}"] = torch.cat(g.step_sets_done, 1)
+        host = _to_host(dev)
+        self._raise_nonfinite(torch.cat([host[f"nonfinite/{c}"] for c in self._groups]))
+        # Divided per group, then split into per-site rows (views: a row per site costs no copy).
+        rows: dict[str, tuple[torch.Tensor, ...]] = {}
+        for c, g in self._groups.items():
+            count = torch.tensor([[a.count] for a in g.sites], dtype=torch.int64)
+            step_count = torch.tensor([a.step_count for a in g.sites], dtype=torch.int64)
+            n = count.float()
+            per = {
+                "abs_mean": host[f"sum_abs_m/{c}"] / n,
+                "mean_abs": host[f"sum_mean_abs/{c}"] / n,
+                "mean": host[f"sum_m/{c}"] / n,
+                "max_abs": host[f"max_abs/{c}"],
+            }
+            if self.per_step:
+                per["per_step_abs_mean"] = host[f"step_sum/{c}"] / step_count.float().clamp_min(1)[..., None]
+            per.update({"prompt_topk": host[f"prompt_topk/{c}"], "step_topk": host[f"step_topk/{c}"],
+                        "count": count, "step_count": step_count})
+            rows.update({f"{name}/{c}": x.unbind(0) for name, x in per.items()})
+        names = ["abs_mean", "mean_abs", "mean", "max_abs"] + ["per_step_abs_mean"] * self.per_step + [
+            "prompt_topk", "step_topk", "count", "step_count"]
+        t = {f"{name}/{s.module}": rows[f"{name}/{s.channels}"][self._site[s.module].pos]
+             for s in self.sites for name in names}
         meta = dict(meta or {})
         meta.update(k=self.k, steps=self.steps, per_step=self.per_step)
         return ChannelStats(sites=list(self.sites), tensors=t, meta=meta)
 
 
+def _runs(items: list[_Site], key) -> list[list[_Site]]:
+    """Maximal runs of neighbouring sites (consecutive positions) with equal, non-None keys."""
+    runs: list[list[_Site]] = []
+    last = None
+    for a in items:
+        k = key(a)
+        if runs and k is not None and k == last and a.pos == runs[-1][-1].pos + 1:
+            runs[-1].append(a)
+        else:
+            runs.append([a])
+        last = k
+    return runs
+
+
 def _spread(x: torch.Tensor, steps: list[int]) -> torch.Tensor:
-    """Rows of ``x`` (one per step in ``steps``) placed on the range ``steps[0]..steps[-1]``.
+    """Rows of ``x`` (one per step in ``steps``, dim 1) placed on the range ``steps[0]..steps[-1]``.
 
     Shapes:
-        x: [len(steps), C] -> [steps[-1] - steps[0] + 1, C].
+        x: [sites, len(steps), C] -> [sites, steps[-1] - steps[0] + 1, C].
     """
     if steps == list(range(steps[0], steps[-1] + 1)):
         return x
-    out = x.new_zeros(steps[-1] - steps[0] + 1, x.shape[1])
-    out[[st - steps[0] for st in steps]] = x
+    out = x.new_zeros(x.shape[0], steps[-1] - steps[0] + 1, x.shape[2])
+    out[:, [st - steps[0] for st in steps]] = x
     return out
 
 
@@ -402,7 +536,7 @@ def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for keys in by_dtype.values():
         flat = torch.cat([tensors[k].reshape(-1) for k in keys]).cpu()
         for k, part in zip(keys, flat.split([tensors[k].numel() for k in keys])):
-            out[k] = part.reshape(tensors[k].shape).clone()
+            out[k] = part.reshape(tensors[k].shape)
     return {k: out[k] for k in tensors}
 
 

@@ -28,8 +28,8 @@ import massact_nn
 ROOTS = {Path(m.__file__).resolve().parent for m in (massact_nn, massact_nn.tracing)}
 # Functions that run at every site and step (or per flush), by file.
 HOT = {
-    "stats.py": {"update", "_flush", "_group_regular", "_group_general", "_close", "_index", "_spread",
-                 "measure", "_check_rows"},
+    "stats.py": {"update", "fold", "_fold_group", "_fold_run", "fold_key", "_runs", "_group_regular",
+                 "_group_general", "_close", "_index", "_spread", "measure", "_check_rows"},
     "disruption.py": {"ablate", "disrupt_output"},
     "transport.py": {"body", "edit", "keep", "put", "gather", "scatter_blend_"},
     "base.py": {"read_image", "write_image"},

@@ -59,6 +59,8 @@ def test_stats_equal_plain_hook_computation(tiny_flux):
             got = stats.stat(module, name).double()
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} {module}")
     assert stats.meta["prompts"] == PROMPTS and stats.meta["steps"] == 3
+    # The dtype the activations were measured in, as diffusers reports the model's.
+    assert stats.meta["dtype"] == str(tiny_flux.pipeline.transformer.dtype).removeprefix("torch.")
 
 
 def test_same_seed_same_stats_and_batching_invariance(tiny_flux):

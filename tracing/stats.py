@@ -84,6 +84,8 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
     bar = tqdm(total=len(prompts) * len(schedule), desc="stats", unit="call", disable=not config.progress)
     blocks = {s.module: model.transformer.get(s.module) for s in sites}
 
+    seen: dict[str, torch.dtype] = {}  # what the activations were computed in
+
     def measure(call, rows: slice, expected: int) -> None:
         # Runs at every transformer call: nothing here may read a value back from the device.
         if not (call.conditional or config.include_uncond):
@@ -94,6 +96,7 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
             _check_rows(h, expected, batched_cfg, s.module)
             # Default row layout: row r is prompt r % n (uncond rows, then cond rows).
             acc.update(s.module, call.step, h[rows])
+        seen["dtype"] = h.dtype
 
     for first, chunk in batches(prompts, gen.batch_size):
         acc.begin_batch(len(chunk))
@@ -106,6 +109,9 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
         with model.generate(chunk, **kw) as tracer:
             for i in tracer.iter[: len(schedule)]:
                 measure(schedule[i], rows, expected)
+                if i == len(schedule) - 1:
+                    # Fold now, while a GPU still runs the last blocks, not after the generation.
+                    acc.fold()
                 bar.update(n)
         acc.end_batch()
     bar.close()
@@ -122,7 +128,7 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
         "generation": gen.to_json(),
         "include_uncond": config.include_uncond,
         "calls_per_step": per_step,
-        "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
+        "dtype": str(seen["dtype"]).replace("torch.", ""),
         "device": str(device),
     }
     return acc.result(meta)

@@ -458,7 +458,7 @@ class StatsAccumulator:
     def result(self, meta: dict | None = None) -> ChannelStats:
         """Finish: means, maxima and stability summaries as a :class:`ChannelStats`.
 
-        Everything reaches the host in one transfer per dtype; the divisions run there.
+        Everything reaches the host in one transfer; the divisions run there.
         """
         self._require_closed()
         for module, a in self._site.items():
@@ -528,15 +528,16 @@ def _spread(x: torch.Tensor, steps: list[int]) -> torch.Tensor:
 
 
 def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors on the CPU, moved in one transfer per dtype (each transfer waits on the GPU)."""
+    """The tensors on the CPU, moved in one transfer (each transfer waits on the GPU).
+
+    Their bytes travel as one uint8 buffer, widest dtypes first so every part stays aligned.
+    """
+    keys = sorted(tensors, key=lambda k: -tensors[k].element_size())
+    flat = torch.cat([tensors[k].contiguous().view(-1).view(torch.uint8) for k in keys]).cpu()
     out: dict[str, torch.Tensor] = {}
-    by_dtype: dict[torch.dtype, list[str]] = {}
-    for key, x in tensors.items():
-        by_dtype.setdefault(x.dtype, []).append(key)
-    for keys in by_dtype.values():
-        flat = torch.cat([tensors[k].reshape(-1) for k in keys]).cpu()
-        for k, part in zip(keys, flat.split([tensors[k].numel() for k in keys])):
-            out[k] = part.reshape(tensors[k].shape)
+    sizes = [tensors[k].numel() * tensors[k].element_size() for k in keys]
+    for k, part in zip(keys, flat.split(sizes)):
+        out[k] = part.view(tensors[k].dtype).reshape(tensors[k].shape)
     return {k: out[k] for k in tensors}
 
 

@@ -2,8 +2,10 @@
 
 On a GPU every ``.item()``, ``.tolist()``, ``bool(t)``, ``int(t)`` or ``.cpu()`` waits for all queued
 work: one such read per site and step is what made statistics cost 1.6x a generation on an H200
-(benchmarks/README.md). These tests run the statistics, disruption and transport paths on CPU with
-those methods watched, and fail if any is called from a function that runs at every site and step.
+(benchmarks/README.md). So does ``torch.tensor(list, device=...)``: a copy from ordinary host memory.
+These tests run the statistics, disruption and transport paths on CPU with those methods and
+``torch.tensor / as_tensor / from_numpy`` watched, and fail if any is called from a function that
+runs at every site and step.
 """
 
 from __future__ import annotations
@@ -33,20 +35,25 @@ HOT = {
     "disruption.py": {"ablate", "disrupt_output"},
     "transport.py": {"body", "edit", "keep", "put", "gather", "scatter_blend_"},
     "base.py": {"read_image", "write_image"},
-    Path(__file__).name: {"planted_read"},
+    Path(__file__).name: {"planted_read", "planted_copy"},
 }
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy", "cpu")
+# Tensors built from host data: on a GPU each is a host-to-device copy from ordinary (pageable)
+# memory, which waits for the GPU like a read does.
+CREATES = ("tensor", "as_tensor", "from_numpy")
 GEN = GenerationConfig(steps=2, seed=1, height=32, width=32)
 
 
 @contextmanager
 def watched_reads():
-    """Record each host read made by a hot function or anything it calls."""
+    """Record each host read (or tensor built from host data) made by a hot function or below it."""
     hits: list[str] = []
-    originals = {name: getattr(torch.Tensor, name) for name in READS}
+    watched = [(torch.Tensor, name, f"Tensor.{name}") for name in READS]
+    watched += [(torch, name, f"torch.{name}") for name in CREATES]
+    originals = [(owner, name, label, getattr(owner, name)) for owner, name, label in watched]
 
-    def wrap(name, original):
-        def read(self, *args, **kwargs):
+    def wrap(label, original):
+        def read(*args, **kwargs):
             frame = sys._getframe(1)
             while frame is not None:  # a read anywhere below a hot function counts
                 code = frame.f_code
@@ -54,30 +61,36 @@ def watched_reads():
                 if code.co_name in HOT.get(file.name, ()) and (
                         file.name == Path(__file__).name or ROOTS & set(file.resolve().parents)):
                     hits.append(f"{file.name}:{code.co_name} -> {sys._getframe(1).f_code.co_name}"
-                                f" calls Tensor.{name}")
+                                f" calls {label}")
                     break
                 frame = frame.f_back
-            return original(self, *args, **kwargs)
+            return original(*args, **kwargs)
 
         return read
 
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, wrap(name, original))
+    for owner, name, label, original in originals:
+        setattr(owner, name, wrap(label, original))
     try:
         yield hits
     finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
+        for owner, name, _, original in originals:
+            setattr(owner, name, original)
 
 
 def planted_read(x: torch.Tensor) -> float:
     return float(x.sum())
 
 
-def test_the_watch_sees_a_planted_read():
+def planted_copy(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.tensor([1.0, 2.0, 3.0], device=x.device)
+
+
+def test_the_watch_sees_a_planted_read_and_copy():
     with watched_reads() as hits:
         planted_read(torch.ones(3))
-    assert hits == ["test_hot_paths.py:planted_read -> planted_read calls Tensor.__float__"]
+        planted_copy(torch.ones(3))
+    assert hits == ["test_hot_paths.py:planted_read -> planted_read calls Tensor.__float__",
+                    "test_hot_paths.py:planted_copy -> planted_copy calls torch.tensor"]
 
 
 def test_statistics_read_nothing_back_per_call(tiny_flux):

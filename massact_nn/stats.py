@@ -165,12 +165,14 @@ class StatsAccumulator:
             g.sites.append(a)
         self._batch_prompts = 0
         self._folded = False
+        self._failed: str | None = None  # why a batch failed: its rows are half counted
         self._aranges: dict[int, torch.Tensor] = {}
 
     def begin_batch(self, prompts: int) -> None:
         """Start a batch of ``prompts`` trajectories (rows map to them via ``prompt_of_row``)."""
         if prompts < 1:
             raise MassactError(f"prompts={prompts!r} is out of range; accepted: an integer >= 1")
+        self._require_usable()
         self._require_closed()
         self._batch_prompts, self._folded = prompts, False
         dev = self.device
@@ -242,7 +244,9 @@ class StatsAccumulator:
         habs = h.abs()
         l1 = torch.sum(habs, dim=1, dtype=torch.float32)
         linf = torch.amax(habs, dim=1)
-        a.hold(step, prompt_of_row, (s, l1, linf), h.shape[1])
+        # The ids are held until the fold: a copy, so the caller may reuse its buffer.
+        ids = None if prompt_of_row is None else prompt_of_row.clone()
+        a.hold(step, ids, (s, l1, linf), h.shape[1])
         a.last_step = step
         a.step_count[step] += rows
         a.count += rows
@@ -262,6 +266,7 @@ class StatsAccumulator:
         trace, queues its kernels while a GPU still runs the last blocks, instead of after the
         generation. No update is taken after it until the next batch.
         """
+        self._require_usable()
         if self._folded:
             return
         self._require_open()
@@ -367,8 +372,9 @@ class StatsAccumulator:
             absm: [rows of all updates, C] -> [distinct steps, prompts, C].
         """
         dev, P, C = self.device, self._batch_prompts, absm.shape[-1]
+        # Updates without ids follow the default layout: row r is prompt r % P.
         prow = torch.cat([
-            (self._arange(r) if x[1] is None else x[1].to(dev)) for x, r in zip(pend, sizes)
+            (self._arange(r) % P if x[1] is None else x[1].to(dev)) for x, r in zip(pend, sizes)
         ]).long()
         ok = (prow >= 0) & (prow < P)
         g.bad_prompt[pos:pos + 1].logical_or_(~ok.all())
@@ -397,7 +403,21 @@ class StatsAccumulator:
             a.closed.update(steps)
 
     def end_batch(self) -> None:
-        """Close a batch: keep each prompt's top-k set and per-step top-k sets."""
+        """Close a batch: keep each prompt's top-k set and per-step top-k sets.
+
+        Raises:
+            MassactError: for prompt ids out of range or steps without activations. The batch's
+                rows are then partly counted, so the accumulator refuses further use.
+        """
+        try:
+            self._end_batch()
+        except MassactError as e:
+            self._failed = str(e)
+            for a in self._site.values():
+                a.in_batch = False
+            raise
+
+    def _end_batch(self) -> None:
         self.fold()
         # One read of the device flags for every site: prompt ids given on the device.
         bad = torch.cat([g.bad_prompt for g in self._groups.values()]).cpu().tolist()
@@ -421,6 +441,11 @@ class StatsAccumulator:
             g.step_sets_done.append(g.step_sets)
             g.prompt_sum = g.open_sum = g.step_sets = g.batch_top = None
         self._folded = False
+
+    def _require_usable(self) -> None:
+        if self._failed is not None:
+            raise MassactError(f"a batch of this accumulator failed ({self._failed}); its rows are "
+                               "partly counted: accepted: a new StatsAccumulator")
 
     def _require_open(self) -> None:
         if not all(a.in_batch for a in self._site.values()):
@@ -458,8 +483,10 @@ class StatsAccumulator:
     def result(self, meta: dict | None = None) -> ChannelStats:
         """Finish: means, maxima and stability summaries as a :class:`ChannelStats`.
 
-        Everything reaches the host in one transfer; the divisions run there.
+        Everything reaches the host in one transfer; the divisions run there. The per-site
+        tensors are rows (views) of per-group host tensors; ``save`` writes each on its own.
         """
+        self._require_usable()
         self._require_closed()
         for module, a in self._site.items():
             if a.count == 0:

@@ -358,12 +358,16 @@ def test_random_update_orders_equal_each_site_alone(seed):
     sites = [Site(i, f"b.{i}", 8 if i == 2 else 6) for i in range(5)]
     feeds = {}
     for s in sites:
-        calls, ids = 1 + pick(2), pick(4) == 0
-        feeds[s.module] = [
-            (step, torch.randn(prompts, 3, s.channels, generator=rng).exp() * 3 ** pick(3),
-             torch.arange(prompts).flip(0) if ids else None)
-            for step in range(steps) for _ in range(calls)
-        ]
+        # Per site: 1-2 calls per step; rows one per prompt, [uncond; cond] (two per prompt,
+        # default layout), or either at random per call; explicit prompt ids on some calls.
+        calls, rows_kind, ids = 1 + pick(2), pick(3), pick(4) == 0
+        feed = []
+        for step in range(steps):
+            for _ in range(calls):
+                m = 2 if rows_kind == 1 or (rows_kind == 2 and pick(2)) else 1
+                x = torch.randn(m * prompts, 3, s.channels, generator=rng).exp() * 3 ** pick(3)
+                feed.append((step, x, torch.arange(m * prompts).flip(0) % prompts if ids else None))
+        feeds[s.module] = feed
     queue = {m: list(f) for m, f in feeds.items()}
     acc = StatsAccumulator(sites, steps=steps, k=2, per_step=True, flush_every=flush_every)
     acc.begin_batch(prompts)
@@ -402,3 +406,35 @@ def test_results_reach_the_host_in_one_buffer_exactly():
     assert list(back) == list(tensors)
     for key, value in tensors.items():
         assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+
+
+def test_a_failed_batch_refuses_further_use():
+    """A batch that fails at end_batch has some rows counted: later results would be wrong."""
+    acc = StatsAccumulator(SITES, steps=2)
+    acc.begin_batch(1)
+    for s in SITES:
+        acc.update(s.module, 0, torch.ones(1, 2, 6))  # step 1 never comes
+    with pytest.raises(MassactError, match=r"no activations seen at steps \[1\]"):
+        acc.end_batch()
+    for call in (lambda: acc.begin_batch(1), acc.result, acc.fold):
+        with pytest.raises(MassactError, match="a batch of this accumulator failed .*a new StatsAccumulator"):
+            call()
+
+
+def test_prompt_ids_may_be_reused_by_the_caller():
+    """Ids are held until the fold; a caller that refills its buffer must not change the result."""
+    x = torch.randn(3, 2, 4, 6, generator=torch.Generator().manual_seed(4))  # [step, row, token, C]
+    results = []
+    for reuse in (False, True):
+        acc = StatsAccumulator(SITES[:1], steps=3, k=2, flush_every=8)
+        acc.begin_batch(2)
+        buf = torch.tensor([1, 0])
+        for step in range(3):
+            ids = buf if reuse else torch.tensor([1, 0])
+            acc.update("blocks.0", step, x[step], ids)
+            buf[:] = torch.tensor([0, 0])  # the caller reuses its buffer
+            buf[:] = torch.tensor([1, 0]) if step < 2 else buf
+        acc.end_batch()
+        results.append(acc.result().tensors)
+    for key, value in results[0].items():
+        assert torch.equal(results[1][key], value), key

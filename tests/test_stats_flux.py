@@ -11,6 +11,7 @@ from massact_nn.tracing.generation import GenerationConfig
 from massact_nn.tracing.model import load_model
 from massact_nn.tracing.stats import StatsConfig, collect_stats
 
+from massact_nn.errors import MassactError
 from massact_nn.stats import ChannelStats
 
 PROMPTS = ["a red cat", "a blue dog on the sea", "a green tree"]
@@ -102,7 +103,6 @@ def test_nonfinite_activation_is_reported(tiny_flux_dir):
     model = load_model(tiny_flux_dir)
     with torch.no_grad():
         model.pipeline.transformer.single_transformer_blocks[0].proj_out.bias[3] = float("inf")
-    from massact_nn.errors import MassactError
 
     where = r"non-finite activations at site single_transformer_blocks\.0, step 0"
     with pytest.raises(MassactError, match=where):
@@ -164,3 +164,8 @@ def test_cli_unsupported_class(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "unsupported transformer class 'UNet2DConditionModel'; supported: " in err
     assert "FluxTransformer2DModel" in err
+
+
+def test_no_sites_selected_is_a_clear_error(tiny_flux):
+    with pytest.raises(MassactError, match=r"no sites selected \(sites=\[\]\)"):
+        collect_stats(tiny_flux, PROMPTS, StatsConfig(GEN, sites=[], progress=False))

@@ -92,6 +92,8 @@ class Plan:
         n_img: Image tokens per sample.
         grid: Image token grid ``(rows, cols)``.
         batched_cfg: Whether the transformer sees ``[uncond; cond]`` rows in one call.
+        device: The transformer's device when the plan was made (read once: diffusers walks
+            every submodule for it, ~0.3 ms on a 6-block model).
     """
 
     adapter: Adapter
@@ -103,6 +105,7 @@ class Plan:
     n_img: int
     grid: tuple[int, int]
     batched_cfg: bool
+    device: torch.device
 
     def active(self, call: Call) -> bool:
         """Whether a transformer call falls in the intervened steps."""
@@ -145,7 +148,27 @@ def make_plan(
         adapter=adapter, gen=gen, sites=chosen, layouts=layouts, steps=parse_steps(steps, gen.steps),
         schedule=call_schedule(gen.steps, per_step), n_img=rows * cols, grid=(rows, cols),
         batched_cfg=adapter.batched_cfg(pipe, probe_kw),
+        device=pipe.transformer.device,
     )
+
+
+def to_device(tensors: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
+    """The tensors on ``device``, moved in one copy per dtype instead of one per tensor.
+
+    Each host-to-device copy from ordinary memory waits on the GPU; a probe moves one id set per
+    site (57 on FLUX.1-dev) before its generation.
+    """
+    device = torch.device(device)
+    out = {k: t for k, t in tensors.items() if t.device == device}
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for k, t in tensors.items():
+        if k not in out:
+            by_dtype.setdefault(t.dtype, []).append(k)
+    for keys in by_dtype.values():
+        flat = torch.cat([tensors[k].detach().to("cpu").reshape(-1) for k in keys]).to(device)
+        for k, part in zip(keys, flat.split([tensors[k].numel() for k in keys])):
+            out[k] = part.view(tensors[k].shape)
+    return {k: out[k] for k in tensors}
 
 
 def probe_meta(model: Any, plan: Plan, **extra: Any) -> dict:
@@ -163,7 +186,7 @@ def probe_meta(model: Any, plan: Plan, **extra: Any) -> dict:
         "sites": [s.module for s in plan.sites],
         "token_grid": list(plan.grid),
         "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
-        "device": str(pipe.transformer.device),
+        "device": str(plan.device),
         **extra,
     }
 

@@ -32,6 +32,7 @@ from .common import (
     load_stats,
     make_plan,
     probe_meta,
+    to_device,
     write_pngs,
 )
 
@@ -112,13 +113,15 @@ def generate_images(
     Shapes:
         -> [prompts, 3, H, W] in [0, 1].
     """
-    device = model.pipeline.transformer.device
+    device = plan.device
     edit = {m: e for m, e in (edit or {}).items() if e[0].numel()}
     sites = [s for s in plan.sites if s.module in edit]
     # Checked once here, then moved once: a host-to-device copy inside the loop waits on the GPU.
     for s in sites:
         check_channel_ids(edit[s.module][0].cpu(), s.channels)
-    edit = {m: (ch.to(device).long(), None if v is None else v.to(device)) for m, (ch, v) in edit.items()}
+    ids = to_device({m: ch.long() for m, (ch, _) in edit.items()}, device)
+    vals = to_device({m: v for m, (_, v) in edit.items() if v is not None}, device)
+    edit = {m: (ids[m], vals.get(m)) for m in edit}
     blocks = {s.module: model.transformer.get(s.module) for s in sites}
     n_calls = max((c.index for c in plan.schedule if plan.active(c)), default=-1) + 1
     chunks = []

@@ -32,7 +32,7 @@ from ..adapters import read_image
 from ..generation import GenerationConfig, resolve
 from ..model import model_adapter
 from ..sites import sites_of
-from .common import Plan, load_stats, make_plan, probe_meta, stats_site
+from .common import Plan, load_stats, make_plan, probe_meta, stats_site, to_device
 from .real_image import real_image_activations
 
 CHANNEL_SETS = ("top", "all", "random", "low")
@@ -142,8 +142,8 @@ def capture_generated(
     Shapes:
         tokens: [N, c]; inputs: [N, D]; image: [3, H, W] in [0, 1].
     """
-    dev = model.pipeline.transformer.device
-    idx = {m: c.to(dev) for m, c in channels.items()}
+    dev = plan.device
+    idx = to_device(channels, dev)
     row = 1 if plan.batched_cfg else 0  # the conditional row under batched CFG ([uncond; cond])
     tokens: dict[tuple[str, int], torch.Tensor] = {}
     inputs: dict[int, torch.Tensor] = {}

@@ -31,7 +31,16 @@ from massact_nn.transport import TransportResult, check_alpha, gather, scatter_b
 from ..adapters import read_image, write_image
 from ..generation import GenerationConfig
 from ..model import model_adapter
-from .common import Plan, channel_sets, find_judge, load_stats, make_plan, probe_meta, write_pngs
+from .common import (
+    Plan,
+    channel_sets,
+    find_judge,
+    load_stats,
+    make_plan,
+    probe_meta,
+    to_device,
+    write_pngs,
+)
 from .transport_parts import (
     ImageSource,
     group_rows,
@@ -221,7 +230,7 @@ def _generate(
     model: Any, plan: Plan, prompts: list[str], gens: list[torch.Generator], body: Any
 ) -> torch.Tensor:
     """One generation of ``prompts`` with ``body(call)`` run at every transformer call."""
-    kw = plan.kwargs(len(prompts), 0, model.pipeline.transformer.device)
+    kw = plan.kwargs(len(prompts), 0, plan.device)
     kw["generator"] = gens
     with model.generate(prompts, **kw) as tracer:
         for i in tracer.iter[: len(plan.schedule)]:
@@ -256,8 +265,8 @@ def _per_site(model: Any, plan: Plan, channels: dict[str, torch.Tensor], copy_no
     all its channels). With ``write``, what ``fn`` returns replaces the stream: a whole-output
     assignment of a new tensor (design notes, pitfall 6). Channel ids move to the device once.
     """
-    device = model.pipeline.transformer.device
-    chans = {m: c.to(device) for m, c in channels.items()}
+    device = plan.device
+    chans = to_device(channels, device)
     blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
     norm_out = model.transformer.norm_out
     every: dict = {}  # norm_out's channel ids, built at its first call
@@ -285,7 +294,7 @@ def _per_site(model: Any, plan: Plan, channels: dict[str, torch.Tensor], copy_no
 def _batched(model, plan, sources, targets, channels, p, config):
     n = len(targets)
     copies = 3 if config.control else 2  # [sources; targets; results] or [sources; results]
-    device = model.pipeline.transformer.device
+    device = plan.device
     groups = _groups(plan, p, n, copies, 0, False, device)
 
     def edit(h: torch.Tensor, _module: str, ch: torch.Tensor, _call: Any) -> torch.Tensor:
@@ -304,7 +313,7 @@ def _batched(model, plan, sources, targets, channels, p, config):
 
 def _capture(model, plan, sources, channels, p, config):
     n = len(sources)
-    device = model.pipeline.transformer.device
+    device = plan.device
     groups = _groups(plan, p, n, 1, 0, False, device)
     stored: dict = {}
     count = {"stored_bytes": 0, "full_bytes": 0}
@@ -325,7 +334,7 @@ def _capture(model, plan, sources, channels, p, config):
 def _inject(model, plan, targets, stored, channels, p, config, per_pair: bool):
     n = len(targets)
     copies = 2 if config.control else 1  # [targets; results] or [results]
-    device = model.pipeline.transformer.device
+    device = plan.device
     groups = _groups(plan, p, n, copies, None, per_pair, device)  # the capture's grouping
 
     def put(h: torch.Tensor, module: str, ch: torch.Tensor, call: Any) -> torch.Tensor:

@@ -19,6 +19,7 @@ from ._io import load_json, load_tensors, save_json, save_tensors
 from .errors import MassactError, check_k, choice_error
 from .selection import mean_pairwise_jaccard_fast, ratio_top1_median, top_k
 from .sites import Site, resolve_sites
+from .transfer import move_packed
 
 STATISTICS = ("abs_mean", "mean_abs", "max_abs")
 """Magnitude statistics per channel. ``abs_mean``: mean over (prompt, step) of |token-mean| (the
@@ -499,7 +500,7 @@ class StatsAccumulator:
                 dev[f"step_sum/{c}"] = g.step_sum
             dev[f"prompt_topk/{c}"] = torch.cat(g.prompt_sets, 1)
             dev[f"step_topk/{c}"] = torch.cat(g.step_sets_done, 1)
-        host = _to_host(dev)
+        host = move_packed(dev, "cpu")  # one transfer, however many sites and dtypes
         self._raise_nonfinite(torch.cat([host[f"nonfinite/{c}"] for c in self._groups]))
         # Divided per group, then split into per-site rows (views: a row per site costs no copy).
         rows: dict[str, tuple[torch.Tensor, ...]] = {}
@@ -518,10 +519,8 @@ class StatsAccumulator:
             per.update({"prompt_topk": host[f"prompt_topk/{c}"], "step_topk": host[f"step_topk/{c}"],
                         "count": count, "step_count": step_count})
             rows.update({f"{name}/{c}": x.unbind(0) for name, x in per.items()})
-        names = ["abs_mean", "mean_abs", "mean", "max_abs"] + ["per_step_abs_mean"] * self.per_step + [
-            "prompt_topk", "step_topk", "count", "step_count"]
         t = {f"{name}/{s.module}": rows[f"{name}/{s.channels}"][self._site[s.module].pos]
-             for s in self.sites for name in names}
+             for s in self.sites for name in per}  # `per`'s keys are the same for every group
         meta = dict(meta or {})
         meta.update(k=self.k, steps=self.steps, per_step=self.per_step)
         return ChannelStats(sites=list(self.sites), tensors=t, meta=meta)
@@ -552,20 +551,6 @@ def _spread(x: torch.Tensor, steps: list[int]) -> torch.Tensor:
     out = x.new_zeros(x.shape[0], steps[-1] - steps[0] + 1, x.shape[2])
     out[:, [st - steps[0] for st in steps]] = x
     return out
-
-
-def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors on the CPU, moved in one transfer (each transfer waits on the GPU).
-
-    Their bytes travel as one uint8 buffer, widest dtypes first so every part stays aligned.
-    """
-    keys = sorted(tensors, key=lambda k: -tensors[k].element_size())
-    flat = torch.cat([tensors[k].contiguous().view(-1).view(torch.uint8) for k in keys]).cpu()
-    out: dict[str, torch.Tensor] = {}
-    sizes = [tensors[k].numel() * tensors[k].element_size() for k in keys]
-    for k, part in zip(keys, flat.split(sizes)):
-        out[k] = part.view(tensors[k].dtype).reshape(tensors[k].shape)
-    return {k: out[k] for k in tensors}
 
 
 @dataclass

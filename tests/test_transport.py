@@ -366,34 +366,3 @@ def test_image_source_at_step_zero_shares_the_targets_noise(tiny_flux, every_cha
     other = transport(tiny_flux, ImageSource(img, SRC[0]), TGT[:1], None, cfg)
     assert (other.result - other.target).abs().max() > 1e-5
 
-
-class _Elsewhere(torch.Tensor):
-    """A CPU tensor that claims to live on another device, so ``to_device`` has to move it."""
-
-    @property
-    def device(self):  # noqa: D102
-        return torch.device("meta")
-
-
-def test_to_device_moves_each_dtype_once_and_keeps_every_tensor():
-    from massact_nn.tracing.probes.common import to_device
-
-    g = torch.Generator().manual_seed(0)
-    given = {
-        "a": torch.tensor([5, 1, 7]).as_subclass(_Elsewhere),
-        "here": torch.tensor([9, 9]),  # already on the target: passed through as is
-        "b": torch.randn(2, 3, generator=g).as_subclass(_Elsewhere),
-        "c": torch.tensor([[2, 0], [4, 3]]).as_subclass(_Elsewhere),
-        "d": torch.randn(4, generator=g).as_subclass(_Elsewhere),
-    }
-    copies = []
-    real_cat = torch.cat
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "cat", lambda ts, *a, **k: copies.append(len(ts)) or real_cat(ts, *a, **k))
-        out = to_device(given, "cpu")
-    assert list(out) == list(given)
-    assert sorted(copies) == [2, 2]  # one concatenation (and one copy) per dtype
-    assert out["here"] is given["here"]
-    for key, value in given.items():
-        assert out[key].dtype == value.dtype and torch.equal(out[key].as_subclass(torch.Tensor),
-                                                            value.as_subclass(torch.Tensor)), key

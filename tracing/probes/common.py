@@ -152,25 +152,6 @@ def make_plan(
     )
 
 
-def to_device(tensors: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
-    """The tensors on ``device``, moved in one copy per dtype instead of one per tensor.
-
-    Each host-to-device copy from ordinary memory waits on the GPU; a probe moves one id set per
-    site (57 on FLUX.1-dev) before its generation.
-    """
-    device = torch.device(device)
-    out = {k: t for k, t in tensors.items() if t.device == device}
-    by_dtype: dict[torch.dtype, list[str]] = {}
-    for k, t in tensors.items():
-        if k not in out:
-            by_dtype.setdefault(t.dtype, []).append(k)
-    for keys in by_dtype.values():
-        flat = torch.cat([tensors[k].detach().to("cpu").reshape(-1) for k in keys]).to(device)
-        for k, part in zip(keys, flat.split([tensors[k].numel() for k in keys])):
-            out[k] = part.view(tensors[k].shape)
-    return {k: out[k] for k in tensors}
-
-
 def probe_meta(model: Any, plan: Plan, **extra: Any) -> dict:
     """Run metadata: model, versions, generation, sites, steps, plus ``extra``."""
     pipe = model.pipeline

@@ -20,6 +20,7 @@ from massact_nn.images import grid, save_png
 from massact_nn.metrics import mse, psnr, summarise
 from massact_nn.selection import CONTROLS
 from massact_nn.stats import ChannelStats
+from massact_nn.transfer import move_packed
 
 from ..adapters import read_image, write_image
 from ..generation import GenerationConfig, batches
@@ -32,7 +33,6 @@ from .common import (
     load_stats,
     make_plan,
     probe_meta,
-    to_device,
     write_pngs,
 )
 
@@ -119,9 +119,9 @@ def generate_images(
     # Checked once here, then moved once: a host-to-device copy inside the loop waits on the GPU.
     for s in sites:
         check_channel_ids(edit[s.module][0].cpu(), s.channels)
-    ids = to_device({m: ch.long() for m, (ch, _) in edit.items()}, device)
-    vals = to_device({m: v for m, (_, v) in edit.items() if v is not None}, device)
-    edit = {m: (ids[m], vals.get(m)) for m in edit}
+    moved = move_packed({**{f"ids/{m}": ch.long() for m, (ch, _) in edit.items()},
+                         **{f"values/{m}": v for m, (_, v) in edit.items() if v is not None}}, device)
+    edit = {m: (moved[f"ids/{m}"], moved.get(f"values/{m}")) for m in edit}
     blocks = {s.module: model.transformer.get(s.module) for s in sites}
     n_calls = max((c.index for c in plan.schedule if plan.active(c)), default=-1) + 1
     chunks = []

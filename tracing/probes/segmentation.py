@@ -27,12 +27,13 @@ from massact_nn.segmentation_result import SegmentationResult
 from massact_nn.selection import control_set
 from massact_nn.sites import Site
 from massact_nn.stats import ChannelStats
+from massact_nn.transfer import move_packed
 
 from ..adapters import read_image
 from ..generation import GenerationConfig, resolve
 from ..model import model_adapter
 from ..sites import sites_of
-from .common import Plan, load_stats, make_plan, probe_meta, stats_site, to_device
+from .common import Plan, load_stats, make_plan, probe_meta, stats_site
 from .real_image import real_image_activations
 
 CHANNEL_SETS = ("top", "all", "random", "low")
@@ -143,7 +144,7 @@ def capture_generated(
         tokens: [N, c]; inputs: [N, D]; image: [3, H, W] in [0, 1].
     """
     dev = plan.device
-    idx = to_device(channels, dev)
+    idx = move_packed(channels, dev)
     row = 1 if plan.batched_cfg else 0  # the conditional row under batched CFG ([uncond; cond])
     tokens: dict[tuple[str, int], torch.Tensor] = {}
     inputs: dict[int, torch.Tensor] = {}

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from massact_nn.errors import MassactError, check_channel_ids, choice_error
 from massact_nn.stats import ChannelStats
+from massact_nn.transfer import move_packed
 from massact_nn.transport import TransportResult, check_alpha, gather, scatter_blend_
 
 from ..adapters import read_image, write_image
@@ -38,7 +39,6 @@ from .common import (
     load_stats,
     make_plan,
     probe_meta,
-    to_device,
     write_pngs,
 )
 from .transport_parts import (
@@ -266,7 +266,7 @@ def _per_site(model: Any, plan: Plan, channels: dict[str, torch.Tensor], copy_no
     assignment of a new tensor (design notes, pitfall 6). Channel ids move to the device once.
     """
     device = plan.device
-    chans = to_device(channels, device)
+    chans = move_packed(channels, device)
     blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
     norm_out = model.transformer.norm_out
     every: dict = {}  # norm_out's channel ids, built at its first call

@@ -32,15 +32,7 @@ from massact_nn.transport import TransportResult, check_alpha, gather, scatter_b
 from ..adapters import read_image, write_image
 from ..generation import GenerationConfig
 from ..model import model_adapter
-from .common import (
-    Plan,
-    channel_sets,
-    find_judge,
-    load_stats,
-    make_plan,
-    probe_meta,
-    write_pngs,
-)
+from .common import Plan, channel_sets, find_judge, load_stats, make_plan, probe_meta, write_pngs
 from .transport_parts import (
     ImageSource,
     group_rows,

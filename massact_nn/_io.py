@@ -50,17 +50,8 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write tensors to a safetensors file atomically (contiguous CPU copies).
-
-    Tensors may be views of one storage (results split per site are): safetensors refuses shared
-    storage, so those are copied.
-    """
-    flat, seen = {}, set()
-    for k, v in tensors.items():
-        v = v.detach().to("cpu").contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        flat[k] = v.clone() if ptr in seen else v
-        seen.add(ptr)
+    """Write tensors to a safetensors file atomically (contiguous CPU copies)."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(flat, tmp))
 
 

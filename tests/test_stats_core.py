@@ -418,3 +418,27 @@ def test_prompt_ids_may_be_reused_by_the_caller():
         results.append(acc.result().tensors)
     for key, value in results[0].items():
         assert torch.equal(results[1][key], value), key
+
+
+def test_results_are_independent_of_the_accumulator():
+    """Later batches, or edits of a result, change neither an earlier result nor the sums."""
+    acc = StatsAccumulator(SITES, steps=1, k=2)
+
+    def batch(x: float) -> None:
+        acc.begin_batch(1)
+        for s in SITES:
+            acc.update(s.module, 0, torch.full((1, 4, 6), x))
+        acc.end_batch()
+
+    batch(1.0)
+    first = acc.result()
+    kept = {k: v.clone() for k, v in first.tensors.items()}
+    batch(5.0)
+    for key, value in kept.items():
+        assert torch.equal(first.tensors[key], value), key
+    second = acc.result()
+    for value in second.tensors.values():
+        value.zero_()
+    third = acc.result()
+    assert third.tensors["max_abs/blocks.0"].tolist() == [5.0] * 6
+    assert third.tensors["abs_mean/blocks.1"].tolist() == [3.0] * 6

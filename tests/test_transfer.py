@@ -50,3 +50,39 @@ def test_tensors_already_there_are_passed_through():
     assert moved["here"] is here
     assert torch.equal(moved["a"].as_subclass(torch.Tensor), torch.tensor([1.5]))
     assert move_packed({}, "cpu") == {}
+
+
+class _Further(torch.Tensor):
+    """Like ``_Elsewhere``, on yet another device."""
+
+    @property
+    def device(self):  # noqa: D102
+        return torch.device("cuda", 1)
+
+
+def test_one_copy_per_source_device_and_lazy_views_resolved():
+    x = torch.randn(4, dtype=torch.complex64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([1.0, -2.0, 3.0])
+    given = {
+        "conj": x.conj().as_subclass(_Elsewhere),  # a lazy conjugate view: its bytes are x's
+        "neg": y._neg_view().as_subclass(_Further),  # a lazy negation view
+        "ids": torch.tensor([3, 1]).as_subclass(_Further),
+        "more": torch.tensor([7, 8]).as_subclass(_Elsewhere),
+    }
+    copies = []
+    real_cat = torch.cat
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "cat", lambda ts, *a, **k: copies.append(len(ts)) or real_cat(ts, *a, **k))
+        out = move_packed(given, "cpu")
+    assert sorted(copies) == [2, 2]  # one buffer per source device
+    assert torch.equal(out["conj"].as_subclass(torch.Tensor), x.conj().resolve_conj())
+    assert torch.equal(out["neg"].as_subclass(torch.Tensor), -y)
+    assert out["ids"].as_subclass(torch.Tensor).tolist() == [3, 1]
+    assert out["more"].as_subclass(torch.Tensor).tolist() == [7, 8]
+
+
+def test_tensors_whose_bytes_cannot_be_viewed_move_one_by_one():
+    sparse = torch.tensor([[0.0, 1.0], [2.0, 0.0]]).to_sparse()
+    out = move_packed({"sparse": sparse, "dense": torch.ones(2)}, "meta")
+    assert out["sparse"].is_sparse and out["sparse"].device.type == "meta"
+    assert out["dense"].device.type == "meta" and out["dense"].shape == (2,)

@@ -93,7 +93,8 @@ class Plan:
         grid: Image token grid ``(rows, cols)``.
         batched_cfg: Whether the transformer sees ``[uncond; cond]`` rows in one call.
         device: The transformer's device when the plan was made (read once: diffusers walks
-            every submodule for it, ~0.3 ms on a 6-block model).
+            every submodule for it, ~0.3 ms on a 6-block model). A plan serves one run: make a
+            new one after moving the model.
     """
 
     adapter: Adapter

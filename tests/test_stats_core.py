@@ -273,6 +273,18 @@ def _alone(site: Site, steps: int, prompts: int, feed: list) -> ChannelStats:
     return acc.result()
 
 
+def _assert_each_site_as_alone(got: ChannelStats, sites: list, steps: int, prompts: int, feeds: dict) -> None:
+    """Every statistic, top-k set and count of every site equals that site accumulated alone."""
+    for s in sites:
+        want = _alone(s, steps, prompts, feeds[s.module])
+        for name in ("abs_mean", "mean_abs", "mean", "max_abs", "per_step_abs_mean"):
+            torch.testing.assert_close(got.stat(s.module, name), want.stat(s.module, name),
+                                       rtol=1e-6, atol=1e-7, msg=f"{s.module} {name}")
+        for name in ("prompt_topk", "step_topk", "count", "step_count"):
+            key = f"{name}/{s.module}"
+            assert torch.equal(got.tensors[key], want.tensors[key]), key
+
+
 @pytest.mark.parametrize("flush_every", [1, 2, 8])
 @pytest.mark.parametrize("order", ["per_call", "site_by_site", "one_site_lags"])
 def test_sites_folded_together_equal_each_site_alone(flush_every, order):
@@ -307,15 +319,7 @@ def test_sites_folded_together_equal_each_site_alone(flush_every, order):
     for s, (step, x, ids) in calls:
         acc.update(s.module, step, x, ids)
     acc.end_batch()
-    got = acc.result()
-    for s in sites:
-        want = _alone(s, steps, prompts, feeds[s.module])
-        for name in ("abs_mean", "mean_abs", "mean", "max_abs", "per_step_abs_mean"):
-            torch.testing.assert_close(got.stat(s.module, name), want.stat(s.module, name),
-                                       rtol=1e-6, atol=1e-7, msg=f"{s.module} {name}")
-        for name in ("prompt_topk", "step_topk", "count", "step_count"):
-            key = f"{name}/{s.module}"
-            assert torch.equal(got.tensors[key], want.tensors[key]), key
+    _assert_each_site_as_alone(acc.result(), sites, steps, prompts, feeds)
 
 
 def test_fold_closes_the_batch_to_updates():
@@ -377,15 +381,7 @@ def test_random_update_orders_equal_each_site_alone(seed):
         if not queue[m]:
             del queue[m]
     acc.end_batch()
-    got = acc.result()
-    for s in sites:
-        want = _alone(s, steps, prompts, feeds[s.module])
-        for name in ("abs_mean", "mean_abs", "mean", "max_abs", "per_step_abs_mean"):
-            torch.testing.assert_close(got.stat(s.module, name), want.stat(s.module, name),
-                                       rtol=1e-6, atol=1e-7, msg=f"{s.module} {name}")
-        for name in ("prompt_topk", "step_topk", "count", "step_count"):
-            key = f"{name}/{s.module}"
-            assert torch.equal(got.tensors[key], want.tensors[key]), key
+    _assert_each_site_as_alone(acc.result(), sites, steps, prompts, feeds)
 
 
 def test_a_failed_batch_refuses_further_use():

@@ -217,8 +217,9 @@ def test_planted_nonfinite_value_is_reported_at_its_step(flush_every):
     for step in range(4):
         acc.update("blocks.0", step, x[step])
     acc.end_batch()
-    with pytest.raises(MassactError, match=r"site blocks.0, step 2 \(steps affected there: \[2, 3\]\)"):
-        acc.result()
+    for check in (acc.check_finite, acc.result):  # the public check and the one result() runs
+        with pytest.raises(MassactError, match=r"site blocks.0, step 2 \(steps affected there: \[2, 3\]\)"):
+            check()
 
 
 def test_bad_prompt_ids_are_named_on_cpu_and_after_the_batch():
@@ -273,8 +274,17 @@ def _alone(site: Site, steps: int, prompts: int, feed: list) -> ChannelStats:
     return acc.result()
 
 
-def _assert_each_site_as_alone(got: ChannelStats, sites: list, steps: int, prompts: int, feeds: dict) -> None:
-    """Every statistic, top-k set and count of every site equals that site accumulated alone."""
+def _assert_each_site_as_alone(
+    sites: list, steps: int, prompts: int, flush_every: int, calls: list, feeds: dict
+) -> None:
+    """Feed ``calls`` ([(site, (step, h, ids))], in that order) to one accumulator of all sites;
+    every statistic, top-k set and count of every site must equal that site accumulated alone."""
+    acc = StatsAccumulator(sites, steps=steps, k=2, per_step=True, flush_every=flush_every)
+    acc.begin_batch(prompts)
+    for s, (step, x, ids) in calls:
+        acc.update(s.module, step, x, ids)
+    acc.end_batch()
+    got = acc.result()
     for s in sites:
         want = _alone(s, steps, prompts, feeds[s.module])
         for name in ("abs_mean", "mean_abs", "mean", "max_abs", "per_step_abs_mean"):
@@ -314,12 +324,7 @@ def test_sites_folded_together_equal_each_site_alone(flush_every, order):
         calls = [(s, f) for s in sites if s.module == "a.0" for f in feeds[s.module]]
         calls += [(s, f) for i in range(steps) for s in sites if s.module != "a.0"
                   for f in feeds[s.module] if f[0] == i]
-    acc = StatsAccumulator(sites, steps=steps, k=2, per_step=True, flush_every=flush_every)
-    acc.begin_batch(prompts)
-    for s, (step, x, ids) in calls:
-        acc.update(s.module, step, x, ids)
-    acc.end_batch()
-    _assert_each_site_as_alone(acc.result(), sites, steps, prompts, feeds)
+    _assert_each_site_as_alone(sites, steps, prompts, flush_every, calls, feeds)
 
 
 def test_fold_closes_the_batch_to_updates():
@@ -373,15 +378,14 @@ def test_random_update_orders_equal_each_site_alone(seed):
                 feed.append((step, x, torch.arange(m * prompts).flip(0) % prompts if ids else None))
         feeds[s.module] = feed
     queue = {m: list(f) for m, f in feeds.items()}
-    acc = StatsAccumulator(sites, steps=steps, k=2, per_step=True, flush_every=flush_every)
-    acc.begin_batch(prompts)
+    by_module = {s.module: s for s in sites}
+    calls = []
     while queue:
         m = sorted(queue)[pick(len(queue))]
-        acc.update(m, *queue[m].pop(0))
+        calls.append((by_module[m], queue[m].pop(0)))
         if not queue[m]:
             del queue[m]
-    acc.end_batch()
-    _assert_each_site_as_alone(acc.result(), sites, steps, prompts, feeds)
+    _assert_each_site_as_alone(sites, steps, prompts, flush_every, calls, feeds)
 
 
 def test_a_failed_batch_refuses_further_use():

@@ -3,9 +3,11 @@
 On a GPU every ``.item()``, ``.tolist()``, ``bool(t)``, ``int(t)`` or ``.cpu()`` waits for all queued
 work: one such read per site and step is what made statistics cost 1.6x a generation on an H200
 (benchmarks/README.md). So does ``torch.tensor(list, device=...)``: a copy from ordinary host memory.
-These tests run the statistics, disruption and transport paths on CPU with those methods and
-``torch.tensor / as_tensor / from_numpy`` watched, and fail if any is called from a function that
-runs at every site and step.
+So do operators whose output size depends on the data (``x[mask]``, ``nonzero``, ``unique``,
+``masked_select``, ...): a GPU must finish them before the host can size the result. These tests
+run the statistics, disruption and transport paths on CPU with those methods,
+``torch.tensor / as_tensor / from_numpy`` and those operators (at the dispatcher, where no Python
+spelling escapes) watched, and fail if any is used by a function that runs at every site and step.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from massact_nn.tracing.probes.disruption import generate_images
 from massact_nn.tracing.probes.transport import TransportConfig, transport
 from massact_nn.tracing.sites import sites_of
 from massact_nn.tracing.stats import StatsConfig, collect_stats
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import massact_nn
 
@@ -35,18 +38,62 @@ HOT = {
     "disruption.py": {"ablate", "disrupt_output"},
     "transport.py": {"body", "edit", "keep", "put", "gather", "scatter_blend_"},
     "base.py": {"read_image", "write_image"},
-    Path(__file__).name: {"planted_read", "planted_copy"},
+    Path(__file__).name: {"planted_read", "planted_copy", "planted_mask", "planted_unique"},
 }
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy", "cpu")
 # Tensors built from host data: on a GPU each is a host-to-device copy from ordinary (pageable)
 # memory, which waits for the GPU like a read does.
 CREATES = ("tensor", "as_tensor", "from_numpy")
+# Operators that read the data to size their output, or read a value: each waits for a GPU.
+SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
+            "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount"}
 GEN = GenerationConfig(steps=2, seed=1, height=32, width=32)
+
+
+def _hot_caller(frame) -> str | None:
+    """``file:function`` of the innermost hot function at or above ``frame``, if any."""
+    while frame is not None:  # a read anywhere below a hot function counts
+        code = frame.f_code
+        file = Path(code.co_filename)
+        if code.co_name in HOT.get(file.name, ()) and (
+                file.name == Path(__file__).name or ROOTS & set(file.resolve().parents)):
+            return f"{file.name}:{code.co_name}"
+        frame = frame.f_back
+    return None
+
+
+def _syncs(func, args, kwargs) -> bool:
+    """Whether this aten call waits for a GPU: a data-sized result, or a value read."""
+    name = func.overloadpacket.__name__
+    if name in SYNC_OPS:
+        return True
+    if name == "repeat_interleave":  # with tensor repeats, unless the output size is given
+        return isinstance(args[0], torch.Tensor) and args[0].dim() > 0 and kwargs.get("output_size") is None
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):  # boolean masks
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    return False
+
+
+class _WatchOps(TorchDispatchMode):
+    def __init__(self, hits: list[str]):
+        super().__init__()
+        self.hits = hits
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _syncs(func, args, kwargs):
+            where = _hot_caller(sys._getframe(1))
+            if where:
+                self.hits.append(f"{where} runs aten.{func.overloadpacket.__name__}")
+        return func(*args, **kwargs)
 
 
 @contextmanager
 def watched_reads():
-    """Record each host read (or tensor built from host data) made by a hot function or below it."""
+    """Record each host read, tensor built from host data, or data-sized operator of a hot function.
+
+    Anything below a hot function counts, down to the aten operators it dispatches.
+    """
     hits: list[str] = []
     watched = [(torch.Tensor, name, f"Tensor.{name}") for name in READS]
     watched += [(torch, name, f"torch.{name}") for name in CREATES]
@@ -54,16 +101,9 @@ def watched_reads():
 
     def wrap(label, original):
         def read(*args, **kwargs):
-            frame = sys._getframe(1)
-            while frame is not None:  # a read anywhere below a hot function counts
-                code = frame.f_code
-                file = Path(code.co_filename)
-                if code.co_name in HOT.get(file.name, ()) and (
-                        file.name == Path(__file__).name or ROOTS & set(file.resolve().parents)):
-                    hits.append(f"{file.name}:{code.co_name} -> {sys._getframe(1).f_code.co_name}"
-                                f" calls {label}")
-                    break
-                frame = frame.f_back
+            where = _hot_caller(sys._getframe(1))
+            if where:
+                hits.append(f"{where} -> {sys._getframe(1).f_code.co_name} calls {label}")
             return original(*args, **kwargs)
 
         return read
@@ -71,7 +111,8 @@ def watched_reads():
     for owner, name, label, original in originals:
         setattr(owner, name, wrap(label, original))
     try:
-        yield hits
+        with _WatchOps(hits):
+            yield hits
     finally:
         for owner, name, _, original in originals:
             setattr(owner, name, original)
@@ -85,12 +126,31 @@ def planted_copy(x: torch.Tensor) -> torch.Tensor:
     return x + torch.tensor([1.0, 2.0, 3.0], device=x.device)
 
 
-def test_the_watch_sees_a_planted_read_and_copy():
+def planted_mask(x: torch.Tensor) -> torch.Tensor:
+    return x[x > 0].sum() + torch.where(x > 1)[0].sum()
+
+
+def planted_unique(x: torch.Tensor) -> torch.Tensor:
+    return x.unique().sum() + x.repeat_interleave(x.long()).sum()
+
+
+def test_the_watch_sees_planted_reads_copies_and_data_sized_ops():
+    x = torch.arange(3.0)
     with watched_reads() as hits:
-        planted_read(torch.ones(3))
-        planted_copy(torch.ones(3))
+        planted_read(x)
+        planted_copy(x)
+        planted_mask(x)
+        planted_unique(x)
+        # Outside a hot function nothing counts, and sizes known without the data never count.
+        x[x > 0].sum()
+        x.repeat_interleave(torch.tensor([1, 1, 1]), output_size=3)
     assert hits == ["test_hot_paths.py:planted_read -> planted_read calls Tensor.__float__",
-                    "test_hot_paths.py:planted_copy -> planted_copy calls torch.tensor"]
+                    "test_hot_paths.py:planted_read runs aten._local_scalar_dense",
+                    "test_hot_paths.py:planted_copy -> planted_copy calls torch.tensor",
+                    "test_hot_paths.py:planted_mask runs aten.index",
+                    "test_hot_paths.py:planted_mask runs aten.nonzero",
+                    "test_hot_paths.py:planted_unique runs aten._unique2",
+                    "test_hot_paths.py:planted_unique runs aten.repeat_interleave"]
 
 
 def test_statistics_read_nothing_back_per_call(tiny_flux):

@@ -25,6 +25,7 @@ from massact_nn.tracing.probes.disruption import generate_images
 from massact_nn.tracing.probes.transport import TransportConfig, transport
 from massact_nn.tracing.sites import sites_of
 from massact_nn.tracing.stats import StatsConfig, collect_stats
+from massact_nn.tracing.testing.dispatch import OpLog, waits_for_device
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import massact_nn
@@ -44,9 +45,6 @@ READS = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy", "cpu")
 # Tensors built from host data: on a GPU each is a host-to-device copy from ordinary (pageable)
 # memory, which waits for the GPU like a read does.
 CREATES = ("tensor", "as_tensor", "from_numpy")
-# Operators that read the data to size their output, or read a value: each waits for a GPU.
-SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
-            "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount"}
 GEN = GenerationConfig(steps=2, seed=1, height=32, width=32)
 
 
@@ -62,18 +60,6 @@ def _hot_caller(frame) -> str | None:
     return None
 
 
-def _syncs(func, args, kwargs) -> bool:
-    """Whether this aten call waits for a GPU: a data-sized result, or a value read."""
-    name = func.overloadpacket.__name__
-    if name in SYNC_OPS:
-        return True
-    if name == "repeat_interleave":  # with tensor repeats, unless the output size is given
-        return isinstance(args[0], torch.Tensor) and args[0].dim() > 0 and kwargs.get("output_size") is None
-    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):  # boolean masks
-        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
-    return False
-
-
 class _WatchOps(TorchDispatchMode):
     def __init__(self, hits: list[str]):
         super().__init__()
@@ -81,7 +67,7 @@ class _WatchOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _syncs(func, args, kwargs):
+        if waits_for_device(func, args, kwargs):
             where = _hot_caller(sys._getframe(1))
             if where:
                 self.hits.append(f"{where} runs aten.{func.overloadpacket.__name__}")
@@ -182,3 +168,31 @@ def test_transport_reads_nothing_back_per_call(tiny_flux, mode):
     with watched_reads() as hits:
         transport(tiny_flux, ["a red cat", "a tree"], ["a blue dog", "a cat"], None, cfg)
     assert hits == [], sorted(set(hits))
+
+
+def _ops_of_stats(model, sites: list[int]) -> OpLog:
+    cfg = StatsConfig(GenerationConfig(steps=3, seed=0, height=32, width=32, guidance_scale=None),
+                      k=2, sites=sites, progress=False)
+    log = OpLog(ROOTS)
+    transformer = model.pipeline.transformer
+    hooks = [transformer.register_forward_pre_hook(log.enter_call),
+             transformer.register_forward_hook(log.exit_call)]
+    try:
+        with log:
+            collect_stats(model, ["a red cat"], cfg)
+    finally:
+        for h in hooks:
+            h.remove()
+    return log
+
+
+def test_statistics_launch_no_more_after_the_generation_for_more_sites(tiny_flux):
+    # What runs after the transformer's last call has no GPU work to hide behind: the fold must
+    # have been queued inside the trace, and the results leave in one transfer whatever the sites.
+    n = len(sites_of(tiny_flux))
+    few, every = _ops_of_stats(tiny_flux, [0, 1]), _ops_of_stats(tiny_flux, list(range(n)))
+    assert every.calls == few.calls == 3
+    assert every.ours["after"] == few.ours["after"] <= 30, (few.ours, every.ours)
+    assert every.ours["before"] == few.ours["before"]
+    assert every.ours["call"] > few.ours["call"]  # the per-site work is inside the calls
+    assert not [w for w in every.waits if not w.startswith("after ")], every.waits

@@ -7,6 +7,7 @@ and medians. Peak memory is measured in a fresh subprocess per case (RSS high-wa
 
     python benchmarks/run.py --quick        # < 10 minutes on 2 CPU cores
     python benchmarks/run.py --device cuda --width 3072 --dtype bfloat16 --tokens 4096
+    python benchmarks/run.py --ops          # operator counts instead of times (deterministic)
 
 The last line reads ``stats/plain at 1024 tokens: <ratio>``.
 """
@@ -93,6 +94,71 @@ def child(args) -> None:
     print(f"PEAK {top - base:.1f} {top:.1f}")
 
 
+def count_ops(bench: Bench, cases: list[str]) -> list[dict]:
+    """Per case, one generation's aten operators: all, and the library's own by phase.
+
+    Deterministic where times are not: what the host launches before the transformer's first call
+    and after its last is what a GPU cannot overlap with the model's work, and an operator that
+    waits for the device stalls it (see ``massact_nn.tracing.testing.dispatch``). On a GPU the
+    synchronisations torch reports (``torch.cuda.set_sync_debug_mode``) are counted too.
+    """
+    import warnings
+
+    import massact_nn.tracing
+    from massact_nn.tracing.testing.dispatch import OpLog
+
+    import massact_nn
+
+    roots = [Path(m.__file__).parent for m in (massact_nn, massact_nn.tracing)]
+    transformer = bench.model.pipeline.transformer
+    cuda = bench.device.startswith("cuda")
+    rows = []
+    for c in cases:
+        CASES[c](bench)  # warm-up: first-call work (caches, lazy imports) is not per generation
+        log = OpLog(roots)
+        hooks = [transformer.register_forward_pre_hook(log.enter_call),
+                 transformer.register_forward_hook(log.exit_call)]
+        try:
+            with log:
+                CASES[c](bench)
+        finally:
+            for h in hooks:
+                h.remove()
+        syncs = None
+        if cuda:  # a second run, unobserved by the operator log, with torch's sync reports
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    CASES[c](bench)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            found = [w for w in seen if "synchroniz" in str(w.message)]
+            ours = [w for w in found if any(r in Path(w.filename).resolve().parents for r in roots)]
+            syncs = {"syncs": len(found), "syncs_ours": len(ours),
+                     "syncs_where": sorted({f"{Path(w.filename).name}:{w.lineno}" for w in ours})}
+        rows.append({"case": c, "tokens": bench.tokens, "ops": log.total, "calls": log.calls,
+                     **{f"ours_{p}": log.ours[p] for p in ("before", "call", "between", "after")},
+                     "waits": dict(log.waits), **(syncs or {})})
+    return rows
+
+
+def print_ops(rows: list[dict], sites: int) -> None:
+    plain = {r["tokens"]: r["ops"] for r in rows if r["case"] == "plain"}
+    print(f"  {'case':<24} {'aten ops':>9} {'over plain':>10} | library's own: {'before':>6} "
+          f"{'in calls':>8} {'between':>7} {'after':>5} | waits for the device")
+    for r in rows:
+        over = f"{r['ops'] - plain[r['tokens']]:+10d}" if r["tokens"] in plain else f"{'-':>10}"
+        per = r["ours_call"] / max(r["calls"] * sites, 1)
+        waits = ", ".join(f"{k} x{v}" for k, v in sorted(r["waits"].items())) or "none"
+        if "syncs" in r:
+            waits += f"; torch-reported syncs {r['syncs']} (ours {r['syncs_ours']}: "
+            waits += f"{', '.join(r['syncs_where']) or '-'})"
+        print(f"  {r['case']:<24} {r['ops']:9d} {over} | {'':>14} {r['ours_before']:6d} "
+              f"{r['ours_call']:8d} {r['ours_between']:7d} {r['ours_after']:5d} | {waits}"
+              f"   ({per:.1f} per site and call)")
+
+
 def summarise(rows: list[dict], width: int) -> None:
     """The issue's targets, read off the table (one line per measured token count)."""
     by = {(r["tokens"], r["case"]): r for r in rows}
@@ -134,6 +200,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cases", nargs="*", default=None)
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--ops", action="store_true",
+                   help="count each case's aten operators (by phase and origin) instead of timing it")
     p.add_argument("--json", default=None, help="also write the table as JSON")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -161,6 +229,11 @@ def main() -> None:
                      else f"width {args.width}, blocks {tuple(args.blocks)}")
             print(f"== {n} image tokens, {shape}, "
                   f"{args.steps} steps, {bench.sites} sites, {where} {args.dtype}, torch {torch.__version__}")
+            if args.ops:
+                ops = count_ops(bench, cases)
+                print_ops(ops, bench.sites)
+                rows += ops
+                continue
             for c in cases:  # warm-up
                 CASES[c](bench)
             times: dict[str, list[float]] = {c: [] for c in cases}
@@ -192,6 +265,8 @@ def main() -> None:
         from massact_nn._io import save_json
 
         save_json(args.json, rows)
+    if args.ops:
+        return
     summarise(rows, bench.width)
     at = [r for r in rows if r["case"] == "stats" and r["tokens"] == 1024]
     if at:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -22,3 +23,22 @@ def test_benchmark_script_prints_the_table_and_its_last_line(tmp_path):
     # Two-pass transport stores k / channels of the hidden states: 4 of the tiny model's 256.
     assert "stored/full=0.01562" in out.stdout and "(k/channels 0.01562)" in out.stdout
     assert (tmp_path / "b.json").is_file()
+
+
+def test_operator_counts_split_the_library_s_own_by_phase(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--ops", "--width", "64", "--tokens", "16", "--steps", "2",
+           "--cases", "plain", "nnsight_empty", "stats", "--json", str(tmp_path / "ops.json")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r["case"]: r for r in json.loads((tmp_path / "ops.json").read_text())}
+    assert rows["plain"]["ops"] == rows["nnsight_empty"]["ops"] > 0  # an empty trace adds nothing
+    for case in ("plain", "nnsight_empty"):
+        assert not any(rows[case][f"ours_{p}"] for p in ("before", "call", "between", "after"))
+    st = rows["stats"]
+    phases = ("before", "call", "between", "after")
+    assert st["calls"] == 2 and st["ours_call"] > 0 and 0 < st["ours_after"] <= 30
+    # nnsight adds no operator of its own: every one over plain is the library's.
+    assert st["ops"] - rows["plain"]["ops"] == sum(st[f"ours_{p}"] for p in phases)
+    assert all(w.startswith("after ") for w in st["waits"])  # nothing waits before or in the calls
+    assert re.search(r"^  stats +\d+ +\+\d+ \|", out.stdout, re.M), out.stdout

@@ -102,44 +102,33 @@ def count_ops(bench: Bench, cases: list[str]) -> list[dict]:
     waits for the device stalls it (see ``massact_nn.tracing.testing.dispatch``). On a GPU the
     synchronisations torch reports (``torch.cuda.set_sync_debug_mode``) are counted too.
     """
-    import warnings
-
     import massact_nn.tracing
-    from massact_nn.tracing.testing.dispatch import OpLog
+    from massact_nn.tracing.testing.dispatch import OpLog, SyncReports
 
     import massact_nn
 
     roots = [Path(m.__file__).parent for m in (massact_nn, massact_nn.tracing)]
     transformer = bench.model.pipeline.transformer
-    cuda = bench.device.startswith("cuda")
     rows = []
     for c in cases:
         CASES[c](bench)  # warm-up: first-call work (caches, lazy imports) is not per generation
         log = OpLog(roots)
         hooks = [transformer.register_forward_pre_hook(log.enter_call),
-                 transformer.register_forward_hook(log.exit_call)]
+                 transformer.register_forward_hook(log.exit_call, always_call=True)]
         try:
             with log:
                 CASES[c](bench)
         finally:
             for h in hooks:
                 h.remove()
-        syncs = None
-        if cuda:  # a second run, unobserved by the operator log, with torch's sync reports
-            with warnings.catch_warnings(record=True) as seen:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    CASES[c](bench)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            found = [w for w in seen if "synchroniz" in str(w.message)]
-            ours = [w for w in found if any(r in Path(w.filename).resolve().parents for r in roots)]
-            syncs = {"syncs": len(found), "syncs_ours": len(ours),
-                     "syncs_where": sorted({f"{Path(w.filename).name}:{w.lineno}" for w in ours})}
+        syncs = {}
+        if bench.device.startswith("cuda"):  # a second run, without the operator log's overhead
+            with SyncReports(roots) as rep:
+                CASES[c](bench)
+            syncs = {"syncs": rep.total, "syncs_ours": dict(rep.ours)}
         rows.append({"case": c, "tokens": bench.tokens, "ops": log.total, "calls": log.calls,
                      **{f"ours_{p}": log.ours[p] for p in ("before", "call", "between", "after")},
-                     "waits": dict(log.waits), **(syncs or {})})
+                     "waits": dict(log.waits), **syncs})
     return rows
 
 
@@ -152,8 +141,8 @@ def print_ops(rows: list[dict], sites: int) -> None:
         per = r["ours_call"] / max(r["calls"] * sites, 1)
         waits = ", ".join(f"{k} x{v}" for k, v in sorted(r["waits"].items())) or "none"
         if "syncs" in r:
-            waits += f"; torch-reported syncs {r['syncs']} (ours {r['syncs_ours']}: "
-            waits += f"{', '.join(r['syncs_where']) or '-'})"
+            ours = ", ".join(f"{k} x{v}" for k, v in sorted(r["syncs_ours"].items())) or "none"
+            waits += f"; torch-reported syncs {r['syncs']}, the library's: {ours}"
         print(f"  {r['case']:<24} {r['ops']:9d} {over} | {'':>14} {r['ours_before']:6d} "
               f"{r['ours_call']:8d} {r['ours_between']:7d} {r['ours_after']:5d} | {waits}"
               f"   ({per:.1f} per site and call)")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
-from massact_nn.tracing.testing.dispatch import OpLog, waits_for_device
+from massact_nn.tracing.testing.dispatch import _TORCH_DIR, SYNC_WARNING, OpLog, SyncReports, waits_for_device
 
 HERE = Path(__file__)
 # Code compiled under another file name plays the pipeline: its operators are not ours.
@@ -61,6 +62,22 @@ def test_between_calls_is_not_after():
     assert dict(log.waits) == {f"between {HERE.name}:{ours_waiting.__code__.co_firstlineno + 1} index": 1}
 
 
+def test_a_second_block_goes_on_counting_without_moving_again():
+    model = torch.nn.Identity()
+    log = OpLog([HERE])
+    model.register_forward_pre_hook(log.enter_call)
+    model.register_forward_hook(log.exit_call)
+    x = torch.ones(3)
+    with log:
+        model(x)
+        ours_between_and_after(x)
+    with log:
+        ours_waiting(x)
+    line = ours_waiting.__code__.co_firstlineno + 1
+    assert dict(log.ours) == {"between": 0, "after": 4}
+    assert dict(log.waits) == {f"after {HERE.name}:{line} index": 1}
+
+
 def test_device_waits_are_told_from_sizes_known_in_advance():
     def waits(fn) -> bool:
         seen = []
@@ -82,3 +99,38 @@ def test_device_waits_are_told_from_sizes_known_in_advance():
     assert not waits(lambda: x[ids]) and not waits(lambda: x.index_fill(0, ids, 0.0))
     assert not waits(lambda: x.repeat_interleave(torch.tensor([1, 1, 1, 1]), output_size=4))
     assert not waits(lambda: torch.where(x > 1, x, 0.0)) and not waits(lambda: x.topk(2))
+
+    def put(value, accumulate: bool = False):
+        y = x.clone()
+        mask = x > 1
+        return lambda: y.index_put_((mask,), value, accumulate=accumulate)
+
+    # x[mask] = scalar is a masked_fill in ATen; a tensor of values, or accumulating, needs nonzero.
+    assert not waits(put(torch.tensor(0.0)))
+    assert waits(put(torch.tensor([5.0, 6.0]))) and waits(put(torch.tensor(0.0), accumulate=True))
+
+
+# Code that torch's own Python would run: a warning raised there names torch's file.
+TORCH_SIDE = compile(f"def op():\n    warnings.warn({SYNC_WARNING!r} + ' (Triggered internally)')\n",
+                     str(_TORCH_DIR / "_fake_sync_op.py"), "exec")
+PIPELINE_SYNC = compile("op()\n", "<pipeline>", "exec")
+
+
+def test_sync_reports_name_the_library_s_line_behind_torch_code():
+    space: dict = {"warnings": warnings}
+    exec(TORCH_SIDE, space)
+    op = space["op"]
+
+    def ours_syncing():
+        op()
+
+    with warnings.catch_warnings(record=True) as other:
+        warnings.simplefilter("always")
+        with SyncReports([HERE]) as rep:
+            ours_syncing()
+            ours_syncing()
+            exec(PIPELINE_SYNC, {"op": op})  # the pipeline's sync: counted, not ours
+            warnings.warn("something else", stacklevel=1)  # passes through, not counted
+    line = ours_syncing.__code__.co_firstlineno + 1
+    assert rep.total == 3 and dict(rep.ours) == {f"{HERE.name}:{line}": 2}
+    assert [str(w.message) for w in other] == ["something else"]

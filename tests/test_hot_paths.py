@@ -6,8 +6,10 @@ work: one such read per site and step is what made statistics cost 1.6x a genera
 So do operators whose output size depends on the data (``x[mask]``, ``nonzero``, ``unique``,
 ``masked_select``, ...): a GPU must finish them before the host can size the result. These tests
 run the statistics, disruption and transport paths on CPU with those methods,
-``torch.tensor / as_tensor / from_numpy`` and those operators (at the dispatcher, where no Python
-spelling escapes) watched, and fail if any is used by a function that runs at every site and step.
+``torch.tensor / as_tensor / from_numpy`` and those operators watched (at the dispatcher, so any
+Python spelling of a data-sized operator is seen; a device-to-host copy dispatches nothing on a
+CPU, which is why ``.cpu()`` is watched as a method), and fail if any is used by a function that
+runs at every site and step.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ def _ops_of_stats(model, sites: list[int]) -> OpLog:
     log = OpLog(ROOTS)
     transformer = model.pipeline.transformer
     hooks = [transformer.register_forward_pre_hook(log.enter_call),
-             transformer.register_forward_hook(log.exit_call)]
+             transformer.register_forward_hook(log.exit_call, always_call=True)]
     try:
         with log:
             collect_stats(model, ["a red cat"], cfg)

@@ -10,12 +10,16 @@ overlap, and both are visible on a CPU, at the dispatcher, as aten operator call
 
 :func:`waits_for_device` classifies one operator call; :class:`OpLog` counts the operators a
 block of code dispatches, split into what the library's own code launched (by Python frame) and
-when (before the transformer's first call, inside a call, between calls, after the last).
+when (before the transformer's first call, inside a call, between calls, after the last). On a
+GPU, :class:`SyncReports` counts the synchronisations torch itself reports, by the same origin
+rule.
 """
 
 from __future__ import annotations
 
+import re
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +35,9 @@ SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "
 _INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
 _TORCH_DIR = Path(torch.__file__).resolve().parent
 PHASES = ("before", "call", "between", "after")
+# What torch warns with under torch.cuda.set_sync_debug_mode("warn").
+SYNC_WARNING = "called a synchronizing CUDA operation"
+_WARNINGS_FILES = frozenset({"warnings.py", "_py_warnings.py"})
 
 
 def waits_for_device(func: Any, args: tuple, kwargs: dict) -> bool:
@@ -48,7 +55,15 @@ def waits_for_device(func: Any, args: tuple, kwargs: dict) -> bool:
         reps = args[0]
         return isinstance(reps, torch.Tensor) and reps.dim() > 0 and kwargs.get("output_size") is None
     if name in _INDEX_OPS:  # a boolean mask is a nonzero in disguise
-        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+        masks = [i for i in args[1] if isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)]
+        if not masks:
+            return False
+        # ``x[mask] = scalar`` becomes a masked_fill in ATen: no nonzero, no wait.
+        values = args[2] if len(args) > 2 else None
+        accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+        fill = (name != "index" and len(args[1]) == 1 and not accumulate
+                and isinstance(values, torch.Tensor) and values.numel() == 1 and values.device.type == "cpu")
+        return not fill
     return False
 
 
@@ -56,6 +71,31 @@ def _under(file: str, roots: Iterable[Path]) -> bool:
     """Whether ``file`` is one of ``roots`` or lies in a folder among them."""
     path = Path(file).resolve()
     return any(r == path or r in path.parents for r in roots)
+
+
+class _Origins:
+    """Which frames are the library's: the innermost one outside torch decides."""
+
+    def __init__(self, roots: Iterable[Path]):
+        self.roots = [Path(r).resolve() for r in roots]
+        self._files: dict[str, str] = {}
+
+    def of(self, frame: FrameType | None) -> FrameType | None:
+        """The innermost frame at or above ``frame`` outside torch, if it is the library's."""
+        while frame is not None:
+            file = frame.f_code.co_filename
+            if file not in self._files:
+                self._files[file] = ("torch" if _under(file, [_TORCH_DIR]) else
+                                     "ours" if _under(file, self.roots) else "other")
+            kind = self._files[file]
+            if kind != "torch":
+                return frame if kind == "ours" else None
+            frame = frame.f_back
+        return None
+
+
+def _where(frame: FrameType) -> str:
+    return f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
 
 
 class OpLog(TorchDispatchMode):
@@ -66,7 +106,8 @@ class OpLog(TorchDispatchMode):
     ``torch.nn.functional`` count; diffusers' and nnsight's do not). Phases follow
     :meth:`enter_call` / :meth:`exit_call`, which the caller hooks to the transformer: ``before``
     its first call, inside a ``call``, ``between`` calls, ``after`` its last call (operators
-    between the last two marks are moved there when the block ends).
+    between the last two marks are moved there when the block ends). A second ``with`` block
+    goes on counting from there.
 
     Attributes:
         total: Every operator dispatched.
@@ -79,7 +120,7 @@ class OpLog(TorchDispatchMode):
 
     def __init__(self, roots: Iterable[Path]):
         super().__init__()
-        self.roots = [Path(r).resolve() for r in roots]
+        self._origins = _Origins(roots)
         self.total = 0
         self.ours: Counter[str] = Counter()
         self.waits: Counter[str] = Counter()
@@ -87,7 +128,6 @@ class OpLog(TorchDispatchMode):
         self._phase = "before"
         self._trailing = 0  # our operators since the last call ended
         self._trailing_waits: Counter[str] = Counter()  # and those of them that wait
-        self._files: dict[str, bool] = {}
 
     def enter_call(self, *_: Any) -> None:
         """Mark the start of a transformer call (usable as a forward pre-hook)."""
@@ -100,30 +140,16 @@ class OpLog(TorchDispatchMode):
         """Mark the end of a transformer call (usable as a forward hook)."""
         self._phase = "between"
 
-    def _origin(self, frame: FrameType | None) -> FrameType | None:
-        """The innermost frame outside torch, if it is the library's."""
-        while frame is not None:
-            file = frame.f_code.co_filename
-            if file not in self._files:
-                self._files[file] = ("torch" if _under(file, [_TORCH_DIR]) else
-                                     "ours" if _under(file, self.roots) else "other")
-            kind = self._files[file]
-            if kind != "torch":
-                return frame if kind == "ours" else None
-            frame = frame.f_back
-        return None
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.total += 1
-        frame = self._origin(sys._getframe(1))
+        frame = self._origins.of(sys._getframe(1))
         if frame is not None:
             self.ours[self._phase] += 1
             if self._phase == "between":
                 self._trailing += 1
             if waits_for_device(func, args, kwargs):
-                where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
-                key = f"{where} {func.overloadpacket.__name__}"
+                key = f"{_where(frame)} {func.overloadpacket.__name__}"
                 self.waits[f"{self._phase} {key}"] += 1
                 if self._phase == "between":
                     self._trailing_waits[key] += 1
@@ -136,5 +162,59 @@ class OpLog(TorchDispatchMode):
             for key, n in self._trailing_waits.items():
                 self.waits[f"between {key}"] -= n
                 self.waits[f"after {key}"] += n
-            self.waits = +self.waits  # drop the emptied keys
+                if not self.waits[f"between {key}"]:
+                    del self.waits[f"between {key}"]
+            self._phase, self._trailing = "after", 0  # moved once, not again by a later block
+            self._trailing_waits.clear()
         return super().__exit__(*exc)
+
+
+class SyncReports:
+    """Count the synchronisations torch reports inside ``with SyncReports(roots):``, by origin.
+
+    On a GPU the block runs under ``torch.cuda.set_sync_debug_mode("warn")``: torch then warns at
+    every operation that makes the host wait for the device, including those no aten operator
+    shows (a device-to-host copy). A warning raised from C++ carries the innermost Python frame,
+    often torch's own code; like :class:`OpLog`, the report is the library's when the innermost
+    frame outside torch is. Other warnings pass through untouched. Without CUDA nothing is
+    switched on, and only warnings with ``text`` raised in the block are counted.
+
+    Attributes:
+        total: Synchronisations reported.
+        ours: The library's, as ``file:line`` counts.
+    """
+
+    def __init__(self, roots: Iterable[Path], text: str = SYNC_WARNING):
+        self._origins = _Origins(roots)
+        self.text = text
+        self.total = 0
+        self.ours: Counter[str] = Counter()
+        self._mode: int | None = None
+
+    def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if self.text not in str(message):
+            return self._passthrough(message, category, filename, lineno, file, line)
+        self.total += 1
+        frame = sys._getframe(1)
+        while frame is not None and Path(frame.f_code.co_filename).name in _WARNINGS_FILES:
+            frame = frame.f_back
+        mine = self._origins.of(frame)
+        if mine is not None:
+            self.ours[_where(mine)] += 1
+
+    def __enter__(self) -> SyncReports:
+        self._caught = warnings.catch_warnings()
+        self._caught.__enter__()
+        warnings.filterwarnings("always", message=re.escape(self.text))
+        self._passthrough = warnings.showwarning
+        warnings.showwarning = self._show
+        if torch.cuda.is_available():
+            self._mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._mode is not None:
+            torch.cuda.set_sync_debug_mode(self._mode)
+            self._mode = None
+        self._caught.__exit__(*exc)

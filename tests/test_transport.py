@@ -366,3 +366,86 @@ def test_image_source_at_step_zero_shares_the_targets_noise(tiny_flux, every_cha
     other = transport(tiny_flux, ImageSource(img, SRC[0]), TGT[:1], None, cfg)
     assert (other.result - other.target).abs().max() > 1e-5
 
+
+
+# -- the intervention, read back by independent plain hooks -----------------------------------
+# Where each checked site's image stream is read: the input of the module that consumes it.
+NEXT = {"transformer_blocks.0": "transformer_blocks.1",
+        "transformer_blocks.1": "single_transformer_blocks.0",
+        "single_transformer_blocks.0": "single_transformer_blocks.1"}
+
+
+def _streams(model, run) -> dict[str, list[torch.Tensor]]:
+    """Each checked site's image stream at every transformer call of ``run()``, via plain hooks."""
+    seen: dict[str, list[torch.Tensor]] = {s: [] for s in NEXT}
+    tr = model.pipeline.transformer
+    hooks = [tr.get_submodule(nxt).register_forward_pre_hook(
+        lambda mod, args, kwargs, s=s: seen[s].append(kwargs["hidden_states"].detach().clone()),
+        with_kwargs=True) for s, nxt in NEXT.items()]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _by_role(calls: list[torch.Tensor], mode: str, n: int, steps: int) -> list[dict[str, torch.Tensor]]:
+    """Per step: the source, target and result rows, from the batch layout of each mode."""
+    if mode == "batched":  # one pass of [sources; targets; results]
+        return [{"src": x[:n], "tgt": x[n:2 * n], "res": x[2 * n:]} for x in calls]
+    # two passes: [sources], then [targets; results]
+    return [{"src": calls[i][:n], "tgt": calls[steps + i][:n], "res": calls[steps + i][n:]}
+            for i in range(steps)]
+
+
+@pytest.mark.parametrize("mode", ["batched", "two_pass"])
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_partial_transport_writes_the_source_into_p_x_topk_only(tiny_flux, stats_dir, mode, alpha):
+    from massact_nn.stats import ChannelStats
+
+    st = ChannelStats.load(stats_dir)
+    # The top-3 channels by |channel mean|, straight from the statistics, per site.
+    top = {s: torch.topk(st.stat(s, "abs_mean"), 3).indices.sort().values for s in NEXT}
+    assert len({tuple(t.tolist()) for t in top.values()}) > 1, "sites must differ for the test to mean much"
+    p = torch.zeros(8, 8, dtype=torch.bool)
+    p[2:6, 1:7] = True
+    tokens = p.flatten().nonzero().flatten()
+    cfg = TransportConfig(generation=GEN, k=3, token_mask=p, alpha=alpha, steps="1:", mode=mode,
+                          sites=list(NEXT), progress=False)
+    out = {}
+    seen = _streams(tiny_flux, lambda: out.setdefault("r", transport(tiny_flux, SRC, TGT, stats_dir, cfg)))
+    r = out["r"]
+    for s in NEXT:
+        assert r.channels[s].sort().values.tolist() == top[s].tolist(), s
+    first = next(iter(NEXT))
+    n, steps = len(TGT), GEN.steps
+    for s in NEXT:
+        rows = _by_role(seen[s], mode, n, steps)
+        assert len(rows) == steps
+        # Step 0 is outside the window: the result is still the target, bit for bit.
+        assert torch.equal(rows[0]["res"], rows[0]["tgt"]), s
+        for i in (1, 2):
+            res, src, tgt = (rows[i][k][:, tokens][:, :, top[s]] for k in ("res", "src", "tgt"))
+            if alpha == 1.0:
+                assert torch.equal(res, src), (s, i)
+            outside = rows[i]["res"].clone()
+            outside[:, tokens[:, None], top[s]] = rows[i]["tgt"][:, tokens[:, None], top[s]]
+            if s == first and i == 1:
+                # Before the first edit the result row is the target: the blend is exact there,
+                # and nothing outside p x m changed.
+                torch.testing.assert_close(res, (1 - alpha) * tgt + alpha * src, rtol=1e-6, atol=1e-6)
+                assert torch.equal(outside, rows[i]["tgt"]), "entries outside p x m must be untouched"
+            assert not torch.equal(rows[i]["res"], rows[i]["src"]), "only p x m may come from the source"
+
+
+@pytest.mark.parametrize("mode", ["batched", "two_pass"])
+def test_full_transport_writes_the_whole_source_stream_at_every_site(tiny_flux, every_channel, mode):
+    # The identity on images could hold through norm_out's copy alone; every site must carry it.
+    cfg = TransportConfig(generation=GEN, channels=every_channel, mode=mode, copy_norm_out=True,
+                          sites=list(NEXT), progress=False)
+    seen = _streams(tiny_flux, lambda: transport(tiny_flux, SRC, TGT, None, cfg))
+    for s in NEXT:
+        for i, rows in enumerate(_by_role(seen[s], mode, len(TGT), GEN.steps)):
+            assert torch.equal(rows["res"], rows["src"]), (s, i)
+            assert not torch.equal(rows["tgt"], rows["src"])

@@ -36,6 +36,27 @@ def test_masked_distances_split_inside_and_outside():
     assert math.isnan(masked_mse(a, b, torch.zeros(4, 4, dtype=torch.bool)).item())
 
 
+def test_per_image_masks_apply_to_their_own_image():
+    a = torch.zeros(2, 3, 4, 4)
+    b = a.clone()
+    b[0, :, 0, 0] = 1.0  # image 0 differs at one pixel, image 1 at another
+    b[1, :, 3, 3] = 2.0
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, 0, 0] = True  # image 0's mask covers its own difference
+    masks[1, :2] = True  # image 1's mask misses it (a shared mask taken from image 0 would not)
+    d = inside_outside(a, b, masks)
+    assert d["inside"].tolist() == [1.0, 0.0]
+    assert d["outside"].tolist() == [0.0, 4.0 / 8]
+    assert d["all"].tolist() == [1.0 / 16, 4.0 / 16]
+
+
+def test_summarise_skips_nan_and_refuses_non_finite():
+    assert summarise(torch.tensor([1.0, math.nan, 3.0])) == 2.0
+    assert summarise(torch.tensor([math.nan, math.nan])) is None
+    assert summarise(torch.tensor([1.0, math.inf])) is None
+    assert summarise(torch.tensor([0.25, 0.75])) == 0.5
+
+
 def test_metrics_reject_mismatched_shapes():
     with pytest.raises(MassactError, match="shapes differ"):
         mse(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 8, 8))

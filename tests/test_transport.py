@@ -437,6 +437,13 @@ def test_partial_transport_writes_the_source_into_p_x_topk_only(tiny_flux, stats
                 torch.testing.assert_close(res, (1 - alpha) * tgt + alpha * src, rtol=1e-6, atol=1e-6)
                 assert torch.equal(outside, rows[i]["tgt"]), "entries outside p x m must be untouched"
             assert not torch.equal(rows[i]["res"], rows[i]["src"]), "only p x m may come from the source"
+    # The reported distances are over the pixels under p (each token a 4 x 4 pixel patch here).
+    pix = p.repeat_interleave(4, 0).repeat_interleave(4, 1)
+    for name, ref in (("to_source", r.source), ("to_target", r.target)):
+        err = (r.result - ref).pow(2).mean(1)  # [n, H, W]
+        per = r.metrics[name]["per_pair"]
+        torch.testing.assert_close(torch.tensor(per["inside"]), err[:, pix].mean(1), rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(torch.tensor(per["outside"]), err[:, ~pix].mean(1), rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("mode", ["batched", "two_pass"])

@@ -99,8 +99,43 @@ def test_mean_mode_writes_the_stats_signed_mean(planted, planted_stats):
         generate_images(planted, plan, PROMPTS, {site: (ch, want)}, mode="mean")
     finally:
         hook.remove()
+    assert len(seen) == GEN.steps
     for x in seen:
         torch.testing.assert_close(x[..., ch], want.expand_as(x[..., ch]))
+
+
+def test_disrupt_in_mean_mode_writes_each_sites_signed_mean(planted, planted_stats):
+    # The whole probe, not only its intervention: the values come from the statistics run.
+    from massact_nn.stats import ChannelStats
+
+    st = ChannelStats.load(planted_stats)
+    sites = {"transformer_blocks.0": "transformer_blocks.1",
+             "single_transformer_blocks.0": "single_transformer_blocks.1"}
+    seen: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+    tr = planted.pipeline.transformer
+    hooks = [tr.get_submodule(nxt).register_forward_pre_hook(
+        lambda mod, args, kwargs, s=s: seen[s].append(kwargs["hidden_states"].detach().clone()),
+        with_kwargs=True) for s, nxt in sites.items()]
+    cfg = DisruptionConfig(generation=GEN, k=2, mode="mean", controls=("top",), sites=list(sites),
+                           progress=False)
+    try:
+        r = disrupt(planted, PROMPTS, planted_stats, cfg)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert r.meta["mean_statistic"] == "mean" and r.meta["mode"] == "mean"
+    tops = {s: torch.topk(st.stat(s, "abs_mean"), 2).indices for s in sites}
+    assert any((st.stat(s, "mean")[tops[s]] < 0).any() for s in sites), \
+        "a negative mean must be among them, or signed and magnitude values could not be told apart"
+    for s in sites:
+        ch = tops[s]
+        assert sorted(r.channels["top_k2"][s].tolist()) == sorted(ch.tolist())
+        mean = st.stat(s, "mean")[ch]
+        assert len(seen[s]) == 2 * GEN.steps  # the baseline generation, then the disrupted one
+        for x in seen[s][:GEN.steps]:  # the baseline is untouched
+            assert not torch.allclose(x[..., ch], mean.expand_as(x[..., ch]))
+        for x in seen[s][GEN.steps:]:
+            torch.testing.assert_close(x[..., ch], mean.expand_as(x[..., ch]))
 
 
 def test_disrupt_controls_planted_channel_is_critical(planted, planted_stats, tmp_path):
@@ -122,6 +157,16 @@ def test_disrupt_controls_planted_channel_is_critical(planted, planted_stats, tm
     s = r.metrics["sets"]
     assert s["none"]["mse"] == 0.0
     assert s["top_k1"]["mse"] > 10 * max(s["low_k1"]["mse"], s["random0_k1"]["mse"], s["random1_k1"]["mse"])
+    # Each set's mse is its images' distance to the undisturbed ones; the summary averages draws.
+    for name in r.sets:
+        want = (r.images[name] - r.images["none"]).pow(2).flatten(1).mean(1)
+        assert s[name]["mse"] == pytest.approx(float(want.mean()), rel=1e-6, abs=1e-12)
+    summary = {(row["control"], row["k"]): row for row in r.metrics["summary"]}
+    for k in (1, 2):
+        draws = [s[f"random{d}_k{k}"]["mse"] for d in (0, 1)]
+        assert summary[("random", k)]["draws"] == 2 and draws[0] != draws[1]
+        assert summary[("random", k)]["mse"] == pytest.approx(sum(draws) / 2, rel=1e-6)
+        assert summary[("top", k)]["mse"] == pytest.approx(s[f"top_k{k}"]["mse"], rel=1e-6)
     assert len(calls) == len(r.sets) and calls[0] == ((2, 3, 32, 32), PROMPTS)
     assert "mean_brightness" in s["top_k2"]["user"]
     # Save and load back exactly.

@@ -22,8 +22,9 @@ from massact_nn.tracing.probes.segmentation import SegmentConfig, segment
 from massact_nn.tracing.stats import StatsConfig, collect_stats
 from massact_nn.tracing.toy.export import is_shipped
 
+from massact_nn.clustering import segment_tokens
 from massact_nn.errors import MassactError
-from massact_nn.masks import check_complement, load_png_mask, save_png_mask, upsample_nearest
+from massact_nn.masks import centre_blob, check_complement, load_png_mask, save_png_mask, upsample_nearest
 from massact_nn.segmentation_result import SegmentationResult
 from massact_nn.world import World
 
@@ -72,7 +73,14 @@ def test_segmentation_recovers_the_planted_region(planted, world_image, source):
     src = {"prompt": "a red cat"} if source == "prompt" else {"image": img, "caption": caption}
     cfg = SegmentConfig(stats=stats, k=1, sites=[PLANT_SITE, "transformer_blocks.1"], steps="0:3",
                         generation=GEN, **src)
-    r = segment(model, cfg)
+    inputs: list[torch.Tensor] = []  # what the transformer consumed at each call, by a plain hook
+    hook = model.pipeline.transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: inputs.append(kwargs["hidden_states"][0].detach().float().clone()),
+        with_kwargs=True)
+    try:
+        r = segment(model, cfg)
+    finally:
+        hook.remove()
     assert r.channels[f"top/{PLANT_SITE}"].tolist() == [PLANT_CHANNEL]
     assert torch.equal(r.mask, REGION)
     for key in (f"top/{PLANT_SITE}/0", "top/transformer_blocks.1/0"):
@@ -81,7 +89,11 @@ def test_segmentation_recovers_the_planted_region(planted, world_image, source):
     for name in ("all", "random", "low", "all_foreground", "centre", "input"):
         m = r.set_mask(name)
         assert m.shape == (8, 8) and m.dtype == torch.bool
-        check_complement(m, ~m)
+    assert r.set_mask("all_foreground").all() and torch.equal(r.set_mask("centre"), centre_blob(8, 8))
+    # The input baseline clusters the noisy tokens the transformer read, like the activations.
+    assert len(inputs) == len(r.meta["steps"])
+    want, _ = segment_tokens(inputs, 8, 8, cfg.features, cfg.foreground, cfg.aggregation, cfg.kmeans_seed)
+    assert torch.equal(r.set_mask("input"), want)
     # the random control never draws the site's top-k
     assert PLANT_CHANNEL not in r.channels[f"random/{PLANT_SITE}"].tolist()
     assert r.meta["steps"] == ([0, 1, 2] if source == "prompt" else [0])

@@ -184,6 +184,9 @@ def test_same_seeds_make_baseline_reproducible(planted):
     a = generate_images(planted, plan, PROMPTS, None)
     b = generate_images(planted, plan, PROMPTS, {})
     assert torch.equal(a, b)
+    # ... and the seed is what fixes them: another seed gives other images.
+    other = make_plan(planted, GenerationConfig(**{**GEN.to_json(), "seed": GEN.seed + 1}))
+    assert not torch.allclose(generate_images(planted, other, PROMPTS, None), a)
 
 
 # -- CLI: bad input is one line and a non-zero exit -------------------------------------------

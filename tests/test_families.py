@@ -277,3 +277,57 @@ def test_cli_stats_matches_hooks(family, family_model, tmp_path):
     ref, calls, _ = hook_stats(folder, family, GUIDANCE_OFF[family])
     assert calls == STEPS
     _assert_same(ChannelStats.load(tmp_path / "run"), ref)
+
+
+def _grid_of_input(tr, args, kwargs) -> tuple[int, int]:
+    """The image token grid as the transformer's own input lays it out (rows, cols).
+
+    Unpacked latents give it by their shape; packed token sequences by the row and column ids
+    diffusers passes alongside them (FLUX-style ``img_ids``, Qwen-Image's ``img_shapes``).
+    """
+    hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    if isinstance(hs, list):  # Z-Image: one [C, frames, H, W] latent per sample, 2x2 patches
+        return hs[0].shape[-2] // 2, hs[0].shape[-1] // 2
+    if hs.ndim == 4:  # [B, C, H, W], patchified inside the transformer
+        p = tr.config.patch_size
+        return hs.shape[-2] // p, hs.shape[-1] // p
+    n = hs.shape[1]
+    if "img_shapes" in kwargs:  # Qwen-Image: (frames, rows, cols) per sample
+        _, rows, cols = kwargs["img_shapes"][0][0]
+        return rows, cols
+    ids = kwargs["img_ids"] if "img_ids" in kwargs else kwargs["position_ids"]
+    ids = ids.reshape(-1, ids.shape[-1])
+    ids = ids[-n:] if "img_ids" not in kwargs else ids  # Krea 2: [text; image] positions
+    assert ids.shape[0] == n, "one id row per image token"
+    rows, cols = len(ids[:, 1].unique()), len(ids[:, 2].unique())
+    assert rows * cols == n
+    return rows, cols
+
+
+# AuraFlow's tiny build embeds positions up to an 8 x 8 grid.
+NON_SQUARE = {"auraflow": (SIZE // 2, SIZE)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_grid_is_the_transformers_own_at_a_non_square_size(family, family_model):
+    # Rows and columns swapped would pass every square test: here the image is twice as wide.
+    from diffusers import DiffusionPipeline
+    from massact_nn.tracing.model import model_adapter
+
+    folder, model = family_model(family)
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    height, width = NON_SQUARE.get(family, (SIZE, 2 * SIZE))
+    seen: list[tuple[int, int]] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(_grid_of_input(mod, args, kwargs)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(prompt=PROMPTS[:1], num_inference_steps=STEPS, height=height, width=width,
+                 generator=[torch.Generator().manual_seed(SEED)], output_type="latent",
+                 **_extra(family, GUIDANCE_OFF[family]))
+    finally:
+        hook.remove()
+    rows, cols = model_adapter(model).grid(model.pipeline, height, width)
+    assert cols == 2 * rows, (rows, cols)
+    assert set(seen) == {(rows, cols)}, (family, seen, (rows, cols))

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 import torch
 from massact_nn.tracing.generation import GenerationConfig
 from massact_nn.tracing.probes.common import judge_readings, judge_scores
-from massact_nn.tracing.probes.evaluate import EvaluationConfig, evaluate, save_evaluation, transport_pairs
+from massact_nn.tracing.probes.disruption import DisruptionConfig, disrupt
+from massact_nn.tracing.probes.evaluate import (
+    EvaluationConfig,
+    evaluate,
+    save_evaluation,
+    transport_pairs,
+    world_captions,
+)
+from massact_nn.tracing.probes.transport import TransportConfig, transport
 from massact_nn.tracing.probes.transport_parts import transport_metrics
 from massact_nn.tracing.stats import StatsConfig, collect_stats
 
@@ -29,7 +39,10 @@ def test_judge_metrics_with_a_stand_in_judge():
     imgs = torch.rand(3, 3, 32, 32)
     readings = judge_readings(net, imgs)
     pred = judge(imgs * 2 - 1, net)
-    assert readings[1]["shape"] == W.SHAPES[int(pred["shape"][1])]
+    for i in range(3):  # every image's reading, in order
+        assert readings[i] == {"fg_colour": W.COLOURS[int(pred["fg_colour"][i])],
+                               "shape": W.SHAPES[int(pred["shape"][i])],
+                               "bg_colour": W.BG_COLOURS[int(pred["bg_colour"][i])]}
     caps = [W.caption_for(int(pred["fg_colour"][i]), int(pred["shape"][i]), int(pred["bg_colour"][i]))
             for i in range(3)]
     assert judge_scores(net, imgs, caps)["fg_colour"] == 1.0  # the judge agrees with its own reading
@@ -38,6 +51,35 @@ def test_judge_metrics_with_a_stand_in_judge():
     m = transport_metrics(imgs, imgs, imgs, torch.ones(3, 4, 4, dtype=torch.bool), net)
     assert m["moved"] == {"fg_colour": 1.0, "shape": 1.0} and m["kept"]["bg_colour"] == 1.0
     assert m["to_source"]["all"] == 0.0 and m["to_target"]["outside"] is None  # p covers everything
+
+
+def _render(captions: list[str]) -> torch.Tensor:
+    """Clean world images for captions, in [0, 1]."""
+    attrs = [W.parse_caption(c) for c in captions]
+    images, _ = W.render({k: np.array([a[k] for a in attrs]) for k in attrs[0]})
+    return (torch.from_numpy(images) + 1) / 2
+
+
+def test_moved_and_kept_read_the_source_and_the_target_with_the_shipped_judge():
+    from massact_nn.tracing.toy.export import shipped_path
+    from massact_nn.tracing.toy.judge import load_judge
+
+    net = load_judge(shipped_path())
+    src_caps, tgt_caps = transport_pairs(6, 0)  # pairs that differ in every attribute
+    src, tgt = _render(src_caps), _render(tgt_caps)
+    both = [W.caption_for(a["fg_colour"], a["shape"], b["bg_colour"])  # the ideal transport
+            for a, b in ((W.parse_caption(s), W.parse_caption(t)) for s, t in zip(src_caps, tgt_caps))]
+    p = torch.ones(6, 4, 4, dtype=torch.bool)
+    as_source = transport_metrics(src, tgt, src, p, net)
+    assert as_source["moved"] == {"fg_colour": 1.0, "shape": 1.0} and as_source["kept"] == {"bg_colour": 0.0}
+    # The untouched target shares nothing with the source: the baseline to beat is 0.
+    assert as_source["already"] == {"fg_colour": 0.0, "shape": 0.0, "bg_colour": 0.0}
+    as_target = transport_metrics(src, tgt, tgt, p, net)
+    assert as_target["moved"] == {"fg_colour": 0.0, "shape": 0.0} and as_target["kept"] == {"bg_colour": 1.0}
+    ideal = transport_metrics(src, tgt, _render(both), p, net)
+    assert ideal["moved"] == {"fg_colour": 1.0, "shape": 1.0} and ideal["kept"] == {"bg_colour": 1.0}
+    no_control = transport_metrics(src, None, src, p, net)
+    assert no_control["moved"] == as_source["moved"] and "kept" not in no_control
 
 
 def test_evaluate_writes_tables(tiny_flux, tmp_path):
@@ -52,3 +94,22 @@ def test_evaluate_writes_tables(tiny_flux, tmp_path):
     assert [r["channels"] for r in back["transport"]["rows"]] == ["top-4", "low-4", "random-4", "all"]
     assert "| top | 1 | 1 |" in md and "| all (1) | top-4 |" in md
     assert (tmp_path / "evaluation.md").read_text() == md
+    # Each row is what the probe itself gives for those channels, sources and targets.
+    gen = GenerationConfig(steps=2, seed=cfg.seed, height=32, width=32)
+    src, tgt = transport_pairs(cfg.pairs, cfg.seed)
+    order = {s.module: st.stat(s.module, "abs_mean").argsort(descending=True) for s in st.sites}
+    direct = {"top-4": {m: o[:4] for m, o in order.items()}, "low-4": {m: o[-4:] for m, o in order.items()},
+              "all": {s.module: torch.arange(s.channels) for s in st.sites}}
+    rows = {r["channels"]: r for r in back["transport"]["rows"]}
+    for name, chans in direct.items():
+        want = transport(tiny_flux, src, tgt, st,
+                         TransportConfig(generation=gen, channels=chans, progress=False)).metrics
+        assert rows[name]["mse_to_source"] == pytest.approx(want["to_source"]["all"], rel=1e-5), name
+        assert rows[name]["mse_to_target"] == pytest.approx(want["to_target"]["all"], rel=1e-5), name
+    assert len({r["mse_to_target"] for r in rows.values()}) == 4, "the channel sets must change the result"
+    # The disruption rows are the probe's own summary on the evaluation's prompts.
+    d = disrupt(tiny_flux, world_captions(cfg.prompts, cfg.seed), st,
+                DisruptionConfig(generation=gen, k=[1], random_draws=1, progress=False))
+    for got, want in zip(back["disruption"]["summary"], d.metrics["summary"], strict=True):
+        assert (got["control"], got["k"]) == (want["control"], want["k"])
+        assert got["mse"] == pytest.approx(want["mse"], rel=1e-5, abs=1e-12)

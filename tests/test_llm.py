@@ -65,6 +65,9 @@ def hook_stats(hf_model, tokenizer, layers: str, prompts: list[str]) -> dict:
             "max_abs": torch.stack([r.abs().amax(0) for r in rows]).amax(0),
             "top1": [divmod(int(r.abs().flatten().argmax()), r.shape[1]) for r in rows],
             "median": [float(r.abs().float().median()) for r in rows],
+            # Per prompt: |h| of every entry, largest first (for the top-j and kept entries).
+            "sorted_abs": [r.abs().flatten().sort(descending=True).values for r in rows],
+            "tokens": [r.shape[0] for r in rows],
         }
     return out
 
@@ -80,6 +83,17 @@ def assert_matches_hooks(result: LLMStats, ref: dict, rel: float = 1e-5) -> None
         # The overall largest entry is one of the prompts' top-1 (token, channel) positions.
         big = layer["top"][0]
         assert (big["token"], big["channel"]) == r["top1"][big["prompt"]]
+        n_top, keep = result.positions.n_top, result.positions.keep
+        per_prompt = [v[:n_top].float() for v in r["sorted_abs"]]
+        # top_abs: the j-th largest |h| of each prompt, averaged over prompts.
+        want = torch.stack([torch.nn.functional.pad(v, (0, n_top - v.numel())) for v in per_prompt]).mean(0)
+        torch.testing.assert_close(torch.tensor(layer["top_abs"]), want, rtol=1e-4, atol=1e-6)
+        # The kept entries: the `keep` largest of all prompts' top-n_top, largest first.
+        pooled = torch.cat(per_prompt).sort(descending=True).values[:keep]
+        got = torch.tensor([abs(e["value"]) for e in layer["top"]])
+        torch.testing.assert_close(got, pooled, rtol=1e-4, atol=1e-6)
+        for e in layer["top"]:
+            assert e["last"] == (e["token"] == r["tokens"][e["prompt"]] - 1), e
 
 
 # -- MiniLM: a real trained encoder ----------------------------------------------------------

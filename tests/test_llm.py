@@ -260,6 +260,15 @@ def test_cli_runs_on_local_folder(tmp_path, capsys):
     assert res.channels.sites[0].module == "transformer.h.0"
     assert res.channels.meta["prompts"] == ["a red cat", "the dog"]
     assert "transformer.h.3" in capsys.readouterr().out
+    # What the command wrote is what the library computes on that folder.
+    direct = collect_llm_stats(load_llm(tmp_path / "m"), ["a red cat", "the dog"],
+                               LLMStatsConfig(k=2, progress=False))
+    for key, x in direct.channels.tensors.items():
+        assert torch.equal(res.channels.tensors[key], x), key
+    assert res.channels.meta["dtype"] == "float32"
+    rc = main(["llm-stats", "--model", str(tmp_path / "m"), "--prompt", "a red cat", "--dtype", "bfloat16",
+               "--out", str(tmp_path / "bf16")])
+    assert rc == 0 and LLMStats.load(tmp_path / "bf16").channels.meta["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -62,7 +64,12 @@ def test_disruption_metrics_bars_follow_the_summary():
     assert fig.layout.yaxis.type == "log"
     labels = [b.label for b in fig.layout.updatemenus[0].buttons]
     assert labels == ["mse", "psnr", "judge.colour"]
+    assert list(fig.data[1].y) == pytest.approx([x["psnr"] for x in rows])
     assert list(fig.data[2].y) == pytest.approx([x["judge"]["colour"] for x in rows])
+    # One metric at a time: the first shown, each button shows its own.
+    assert [t.visible for t in fig.data] == [True, False, False]
+    for i, b in enumerate(fig.layout.updatemenus[0].buttons):
+        assert b.args[0]["visible"] == [j == i for j in range(3)]
 
 
 def test_mask_overview_reports_iou_against_the_truth():
@@ -75,7 +82,13 @@ def test_mask_overview_reports_iou_against_the_truth():
         assert any(t.startswith(f"<b>{name}</b>") and f"IoU {want:.4g}" in t for t in titles)
     assert titles[-1] == "<b>true mask</b>"
     heat = [t for t in fig.data if t.type == "heatmap"]
-    np.testing.assert_array_equal(np.asarray(heat[0].z), r.set_mask("top").numpy().astype(float))
+    assert len(heat) == 4
+    # Each panel draws its own set's mask; the last the truth, a majority vote per token.
+    for h, name in zip(heat, ("top", "random", "centre"), strict=False):
+        np.testing.assert_array_equal(np.asarray(h.z), r.set_mask(name).numpy().astype(float))
+    per_token = truth.float().reshape(GRID[0], SIZE // GRID[0], GRID[1], SIZE // GRID[1]).mean((1, 3)) > 0.5
+    assert per_token.any() and not per_token.all()
+    np.testing.assert_array_equal(np.asarray(heat[3].z), per_token.numpy().astype(float))
 
 
 def test_mask_viewer_sliders_combine_site_and_step():
@@ -86,6 +99,12 @@ def test_mask_viewer_sliders_combine_site_and_step():
     assert [s.label for s in step_slider.steps] == ["1", "3"]
     heat = [(i, t) for i, t in enumerate(fig.data) if t.type == "heatmap"]
     assert len(heat) == 2 * 2 * 2  # sets × sites × steps
+    # Each heatmap draws the mask of the (set, site, step) its hover names.
+    for _, t in heat:
+        found = dict(re.findall(r"(set|site|step) ([^<]+)<br>", t.hovertemplate))
+        key = f"{found['set']}/{found['site']}/{found['step']}"
+        np.testing.assert_array_equal(np.asarray(t.z), r.per_block[key].numpy().astype(float), err_msg=key)
+    assert len({tuple(map(tuple, np.asarray(t.z))) for _, t in heat}) > 1, "the masks must differ"
     # Pick site 1 (single_transformer_blocks.0) and step 3: exactly one heatmap per set is shown.
     vis = site_slider.steps[1].args[0]["visible"]
     opa = step_slider.steps[1].args[0]["opacity"]

@@ -90,6 +90,16 @@ def test_profile_shows_top_three_and_median(stats):
     assert list(fig.data[0].x) == [0, 1, 2]
 
 
+def test_profile_ranks_by_the_statistic_asked_for(stats):
+    fig = massive_profile(stats, stat="max_abs")
+    for r in range(3):
+        for i, s in enumerate(stats.sites):
+            v = stats.stat(s.module, "max_abs").double()
+            order = torch.sort(v, descending=True).indices
+            assert fig.data[r].y[i] == pytest.approx(float(v[order[r]]), rel=1e-6)
+    assert not torch.allclose(stats.stat(stats.sites[0].module, "max_abs"), stats.stat(stats.sites[0].module))
+
+
 def test_profile_overlays_runs_on_normalised_depth(stats):
     other = _stats(n_sites=5, seed=1, model="/m/tiny-b")
     fig = massive_profile([stats, other])
@@ -160,6 +170,9 @@ def test_token_extremes_shows_top_entries_against_the_median():
     assert [t.name for t in fig.data] == ["top-1 |h|", "top-2 |h|", "top-3 |h|", "median |h|"]
     assert list(fig.data[0].customdata) == [10.0, 20.0, 30.0]
     assert list(fig.data[3].customdata) == [0.5, 0.5, 0.5]
+    # Every line plots its own j-th largest |h| (the lines differ: 10 i, 3, 2; the median 0.5).
+    for t, want in zip(fig.data, ([10.0, 20.0, 30.0], [3.0] * 3, [2.0] * 3, [0.5] * 3), strict=True):
+        assert list(t.y) == want and list(t.customdata) == want, t.name
     assert "[CLS]@0" in fig.data[0].text[1] and "channel 99" in fig.data[0].text[1]
     assert "encoder.layer.1 · L1" in fig.data[0].text[1]
 

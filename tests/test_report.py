@@ -14,7 +14,7 @@ from massact_nn.viz import build_report, find_runs
 from massact_nn.viz.browser import check_in_browser, find_chromium
 
 from massact_nn.errors import MassactError
-from massact_nn.masks import save_png_mask
+from massact_nn.masks import iou, save_png_mask, upsample_nearest
 
 needs_chromium = pytest.mark.skipif(
     find_chromium() is None,
@@ -32,12 +32,27 @@ def runs(tmp_path_factory) -> Path:
     seg.save(root / "segment")
     save_png_mask(root / "segment" / "gt_mask.png", truth)
     transport_result().save(root / "transport")
+    llm_run().save(root / "stats_c_llm")
     return root
 
 
-# figures: 2 stats runs -> a comparison; stats_a: profile, heatmap, per-step; stats_b: 2;
-# disruption: grid + bars; segmentation: overview + per-block viewer; transport: strip.
-N_FIGURES = 1 + 3 + 2 + 2 + 2 + 1
+def llm_run():
+    """A language-model run: its channel statistics plus the largest single entries by token."""
+    from massact_nn.llm_stats import LLMStats, TokenPositions
+
+    layers = [{"layer": i, "module": f"transformer_blocks.{i}", "median_abs": 0.5,
+               "top_abs": [10.0 * (i + 1), 3.0, 2.0], "ratio_top1_median": 20.0 * (i + 1),
+               "top": [{"prompt": 0, "token": 0, "token_text": "<bos>", "last": False,
+                        "channel": 7, "value": -10.0 * (i + 1), "ratio_median": 20.0 * (i + 1)}]}
+              for i in range(3)]
+    return LLMStats(channels=synthetic_stats(seed=2, per_step=False, model="/models/llm-c"),
+                    positions=TokenPositions(layers=layers, tokens=[["<bos>", "the", "cat"]]))
+
+
+# figures: 3 stats runs -> a comparison; stats_a: profile, heatmap, per-step; stats_b: 2;
+# stats_c_llm: 2 + the token extremes; disruption: grid + bars; segmentation: overview +
+# per-block viewer; transport: strip.
+N_FIGURES = 1 + 3 + 2 + 3 + 2 + 2 + 1
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +62,7 @@ def report(runs, tmp_path_factory) -> Path:
 
 def test_runs_are_found_in_reading_order(runs):
     kinds = [r.path.name for r in find_runs([runs])]
-    assert kinds == ["stats_a", "stats_b", "disrupt", "segment", "transport"]
+    assert kinds == ["stats_a", "stats_b", "stats_c_llm", "disrupt", "segment", "transport"]
 
 
 def test_report_is_self_contained_with_plotly_once(report):
@@ -72,9 +87,30 @@ def test_report_carries_metadata_tables_and_images(report):
     for meta in ("/models/dit-a", "/models/llm-b", "a red circle on blue", "a yellow circle"):
         assert meta in text
     assert "ratio_top1_median" in text and "jaccard_prompts" in text  # per-site table
-    assert "IoU" in text  # the true mask next to the segmentation was found
+    # One row per site in each run's per-site table (stats_a: 3 sites, stats_b: 5).
+    for run, n in (("stats_a", 3), ("stats_b", 5)):
+        part = _section(text, f"Statistics · {run}")
+        table = part[part.index("Per-site summary"):]
+        table = table[:table.index("</table>")]
+        assert table.count("<tr>") == 1 + n, run
+        for i in range(n):
+            assert f"<td>transformer_blocks.{i}</td>" in table
+    # The IoU shown is the top set's against the true mask saved next to the run.
+    seg, truth = segmentation_result()
+    want = iou(upsample_nearest(seg.set_mask("top"), *truth.shape), truth)
+    assert f"IoU {want:.4g}" in _section(text, "Segmentation · segment")
+    # The language-model run adds its largest entries by token.
+    llm = _section(text, "Statistics · stats_c_llm")
+    assert "Largest activations by token" in llm and "&lt;bos&gt;" in llm
     assert "<b>green</b>" not in text.replace("&lt;b&gt;", "")  # prompts are escaped
     assert "data:image/png;base64," in text
+
+
+def _section(text: str, heading: str) -> str:
+    """The report's HTML from ``heading`` to the next second-level heading."""
+    start = text.index(f">{heading}</h2>")  # the heading itself, not the table of contents
+    end = text.find("<h2", start)
+    return text[start:end if end > 0 else None]
 
 
 def test_cli_report_writes_and_bad_folders_fail_in_one_line(runs, tmp_path, capsys):

@@ -80,6 +80,20 @@ def test_shapes_are_large_and_mutually_distinct():
         assert (masks[a] ^ masks[b]).sum() > 0.07 * area, (W.SHAPES[a], W.SHAPES[b])
 
 
+def test_each_shape_name_draws_that_shape():
+    # Centred, half-extent 10 px on the 32 px canvas (centre 16): geometric facts per name.
+    n = len(W.SHAPES)
+    attrs = {"fg_colour": np.zeros(n, dtype=int), "shape": np.arange(n), "bg_colour": np.ones(n, dtype=int),
+             "half": np.full(n, 10), "dx": np.zeros(n), "dy": np.zeros(n)}
+    _, masks = W.render(attrs)
+    m = dict(zip(W.SHAPES, masks, strict=True))
+    assert m["square"][6:26, 6:26].all() and m["square"].sum() == 20 * 20  # corners included
+    assert not m["circle"][7, 7] and m["circle"][16, 7] and m["circle"].sum() == pytest.approx(
+        np.pi * 9 ** 2, rel=0.05)  # radius 0.9 x half, no corners
+    assert m["triangle"][24, 5] and not m["triangle"][8, 5] and m["triangle"][7, 16]  # apex up
+    assert m["cross"][16, 7] and m["cross"][7, 16] and not m["cross"][8, 8]  # arms, no corners
+
+
 def test_render_without_rng_is_noise_free_and_matches_masks():
     b = W.World(0).sample(16, seed=7)
     images, masks = W.render(b.attributes)

@@ -15,21 +15,27 @@ CONTROLS = ("top", "low", "random", "none")
 def top_k(stat: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest values, largest first (the paper's selection).
 
+    Equal values keep channel order (the lower id first), on every device: ``torch.topk``
+    leaves the order of ties unspecified, so a tie at the k-th place could pick different
+    channels on a CPU and a GPU.
+
     Shapes:
         stat: [channels] -> [k] (int64).
     """
     check_k(k, stat.shape[-1])
-    return torch.topk(stat.float(), k, largest=True, sorted=True).indices
+    return torch.sort(stat.float(), descending=True, stable=True).indices[:k]
 
 
 def low_k(stat: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` smallest values, smallest first (the low-statistic control).
 
+    Equal values keep channel order (the lower id first), as in :func:`top_k`.
+
     Shapes:
         stat: [channels] -> [k] (int64).
     """
     check_k(k, stat.shape[-1])
-    return torch.topk(stat.float(), k, largest=False, sorted=True).indices
+    return torch.sort(stat.float(), stable=True).indices[:k]
 
 
 def random_k(channels: int, k: int, seed: int, exclude: torch.Tensor | None = None) -> torch.Tensor:

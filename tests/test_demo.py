@@ -57,10 +57,44 @@ def test_demo_runs_every_probe_and_prints_the_report(demo):
 
 
 def test_demo_world_segmentation_is_scored_against_the_true_mask(demo):
+    import numpy as np
+
+    from massact_nn import world
+    from massact_nn.masks import iou, load_png_mask, upsample_nearest
+    from massact_nn.segmentation_result import SegmentationResult
+
     out, _ = demo
     metrics = json.loads((out / "segment_world" / "metrics.json").read_text())
     assert set(metrics["iou"]) >= {"top", "all", "random", "low"}
-    assert all(0.0 <= v <= 1.0 for v in metrics["iou"].values())
+    # The truth is the world image's own mask (seed 0), and each IoU is measured against it.
+    sample = world.World(seed=0).sample(1, seed=0)
+    truth = load_png_mask(out / "segment_world" / "gt_mask.png")
+    assert np.array_equal(truth.numpy(), sample.masks[0])
+    r = SegmentationResult.load(out / "segment_world")
+    assert r.meta["caption"] == sample.captions[0]
+    for name, value in metrics["iou"].items():
+        assert value == pytest.approx(iou(upsample_nearest(r.set_mask(name), *truth.shape), truth)), name
+
+
+def test_demo_probes_ran_with_the_requested_settings(demo):
+    import torch
+    from massact_nn.tracing.cli.demo import SOURCE_PROMPT, STATS_PROMPTS, TARGET_PROMPT
+
+    from massact_nn.disruption import DisruptionResult
+    from massact_nn.transport import TransportResult
+
+    out, _ = demo
+    d = DisruptionResult.load(out / "disrupt")
+    assert d.meta["k"] == [4] and d.meta["prompts"] == list(STATS_PROMPTS[:4])
+    assert d.sets == ["none", "top_k4", "low_k4", "random0_k4", "random1_k4"]
+    s = d.metrics["sets"]
+    # The planted channel 5 is in the top set: removing it matters far more than the controls.
+    assert all(5 in ch.tolist() for ch in d.channels["top_k4"].values())
+    assert s["top_k4"]["mse"] > 10 * max(s[c]["mse"] for c in ("low_k4", "random0_k4", "random1_k4"))
+    t = TransportResult.load(out / "transport")
+    assert t.meta["source_prompts"] == [SOURCE_PROMPT] and t.meta["target_prompts"] == [TARGET_PROMPT]
+    assert t.meta["token_mask"] == "target" and 0 < float(t.token_mask.float().mean()) < 1
+    assert not torch.equal(t.result, t.target) and not torch.equal(t.source, t.target)
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="no chromium on PATH (CI installs Debian's "

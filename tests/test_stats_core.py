@@ -68,12 +68,16 @@ def test_merge_of_shards_equals_whole():
 def test_save_load_round_trip_is_exact(tmp_path):
     acc = StatsAccumulator(SITES, steps=2, k=3, per_step=True)
     _feed(acc, _data(2), 3)
-    st = acc.result({"model": "m", "prompts": ["a", "b", "c"], "seed": 7})
+    meta = {"model": "m", "architecture": "flux", "versions": {"torch": "2.13.0", "nnsight": "0.8.1",
+            "diffusers": "0.42.1"}, "prompts": ["a", "b", "c"], "seed": 7, "height": 32, "width": 48,
+            "guidance_scale": 3.5, "generation": {"steps": 2, "seed": 7, "extra": {"x": [1, 2]}},
+            "dtype": "bfloat16", "device": "cpu"}
+    st = acc.result(meta)
     st.save(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["stats.json", "stats.safetensors"]  # no temp files left
     back = ChannelStats.load(tmp_path)
     assert back.sites == st.sites
-    assert back.meta["prompts"] == ["a", "b", "c"] and back.meta["seed"] == 7
+    assert back.meta == st.meta and back.meta["steps"] == 2 and back.meta["k"] == 3
     assert back.tensors.keys() == st.tensors.keys()
     for k in st.tensors:
         assert torch.equal(back.tensors[k], st.tensors[k])

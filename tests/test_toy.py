@@ -131,9 +131,23 @@ def test_activation_summary_finds_a_planted_outlier_channel():
     assert out["top1_over_median"] > 50
 
 
+def test_activation_summary_stability_by_hand():
+    # Three prompts, 6 channels, k=2. Own top-2 sets: {0, 1}, {0, 1}, {0, 2}; own top-1: 0, 0, 2.
+    per_prompt = np.array([[9.0, 5.0, 1.0, 0.1, 0.2, 0.3],
+                           [8.0, 6.0, 2.0, 0.1, 0.2, 0.3],
+                           [3.0, 0.5, 7.0, 0.1, 0.2, 0.3]])
+    out = activation_summary({"b": per_prompt}, k=2)["b"]
+    assert out["top_channels"] == [0, 1]  # averages 6.67, 3.83, 3.33
+    assert out["topk_jaccard"] == pytest.approx((1.0 + 1 / 3 + 1 / 3) / 3)
+    assert out["top1_agreement"] == pytest.approx(2 / 3)
+    avg = per_prompt.mean(0)
+    assert out["top1_over_median"] == pytest.approx(avg[0] / np.median(avg))
+
+
 def test_eval_prompts_are_deterministic_world_captions():
     caps, seeds = eval_prompts(16, seed=3)
     assert (caps, seeds) == eval_prompts(16, seed=3)
+    assert eval_prompts(16, seed=4) != (caps, seeds)
     assert all(W.parse_caption(c) for c in caps) and len(set(seeds)) == 16
 
 

@@ -138,6 +138,17 @@ def test_legacy_pixart_config_name_maps_to_the_class_diffusers_loads():
     assert transformer_class_name({"_class_name": "Transformer2DModel", "norm_type": "ada_norm_zero"}) == (
         "Transformer2DModel"
     )
+    for config in ({"_class_name": "Transformer2DModel"}, {"_class_name": "Transformer2DModel",
+                                                           "norm_type": "layer_norm"}):
+        assert transformer_class_name(config) == "Transformer2DModel"
+    assert transformer_class_name({"_class_name": "FluxTransformer2DModel"}) == "FluxTransformer2DModel"
+
+
+def test_write_image_refuses_an_unknown_layout():
+    from massact_nn.tracing.adapters.base import write_image
+
+    with pytest.raises(MassactError, match="unknown layout 'sideways'; accepted: "):
+        write_image("sideways", torch.zeros(1, 4, 2), torch.zeros(1, 4, 2), 4)
 
 
 def _bare(pipeline_cls, **config):

@@ -12,12 +12,16 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
 
-def test_benchmark_script_prints_the_table_and_its_last_line(tmp_path):
-    cmd = [sys.executable, str(SCRIPT), "--tokens", "1024", "--steps", "1", "--reps", "1", "--no-memory",
-           "--cases", "plain", "stats", "transport_two_pass", "--json", str(tmp_path / "b.json")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+def _run(*args: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+def test_benchmark_script_prints_the_table_and_its_last_line(tmp_path):
+    out = _run("--tokens", "1024", "--steps", "1", "--reps", "1", "--no-memory",
+               "--cases", "plain", "stats", "transport_two_pass", "--json", str(tmp_path / "b.json"))
     lines = out.stdout.strip().splitlines()
     assert re.fullmatch(r"stats/plain at 1024 tokens: \d+\.\d{3}", lines[-1]), lines[-1]
     # Two-pass transport stores k / channels of the hidden states: 4 of the tiny model's 256.
@@ -26,17 +30,14 @@ def test_benchmark_script_prints_the_table_and_its_last_line(tmp_path):
 
 
 def test_operator_counts_split_the_library_s_own_by_phase(tmp_path):
-    cmd = [sys.executable, str(SCRIPT), "--ops", "--width", "64", "--tokens", "16", "--steps", "2",
-           "--cases", "plain", "nnsight_empty", "stats", "--json", str(tmp_path / "ops.json")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = _run("--ops", "--width", "64", "--tokens", "16", "--steps", "2",
+               "--cases", "plain", "nnsight_empty", "stats", "--json", str(tmp_path / "ops.json"))
     rows = {r["case"]: r for r in json.loads((tmp_path / "ops.json").read_text())}
     assert rows["plain"]["ops"] == rows["nnsight_empty"]["ops"] > 0  # an empty trace adds nothing
-    for case in ("plain", "nnsight_empty"):
-        assert not any(rows[case][f"ours_{p}"] for p in ("before", "call", "between", "after"))
-    st = rows["stats"]
     phases = ("before", "call", "between", "after")
+    for case in ("plain", "nnsight_empty"):
+        assert not any(rows[case][f"ours_{p}"] for p in phases)
+    st = rows["stats"]
     assert st["calls"] == 2 and st["ours_call"] > 0 and 0 < st["ours_after"] <= 30
     # nnsight adds no operator of its own: every one over plain is the library's.
     assert st["ops"] - rows["plain"]["ops"] == sum(st[f"ours_{p}"] for p in phases)

@@ -21,6 +21,14 @@ def ours_waiting(x: torch.Tensor) -> None:
     x[x > 0]
 
 
+def _logged(model: torch.nn.Module) -> OpLog:
+    """An operator log whose phases follow ``model``'s calls."""
+    log = OpLog([HERE])
+    model.register_forward_pre_hook(log.enter_call)
+    model.register_forward_hook(log.exit_call)
+    return log
+
+
 def test_ops_are_split_by_origin_and_phase():
     model = torch.nn.Linear(3, 3)
     x = torch.ones(2, 3)
@@ -31,9 +39,7 @@ def test_ops_are_split_by_origin_and_phase():
         return out * 2 + 1
 
     model.register_forward_hook(inside)
-    log = OpLog([HERE])
-    model.register_forward_pre_hook(log.enter_call)
-    model.register_forward_hook(log.exit_call)
+    log = _logged(model)
     with log:
         x = x - 1  # before the first call: 1
         exec(PIPELINE, {"model": model, "x": x})
@@ -49,9 +55,7 @@ def test_ops_are_split_by_origin_and_phase():
 
 def test_between_calls_is_not_after():
     model = torch.nn.Identity()
-    log = OpLog([HERE])
-    model.register_forward_pre_hook(log.enter_call)
-    model.register_forward_hook(log.exit_call)
+    log = _logged(model)
     x = torch.ones(3)
     with log:
         model(x)
@@ -64,9 +68,7 @@ def test_between_calls_is_not_after():
 
 def test_a_second_block_goes_on_counting_without_moving_again():
     model = torch.nn.Identity()
-    log = OpLog([HERE])
-    model.register_forward_pre_hook(log.enter_call)
-    model.register_forward_hook(log.exit_call)
+    log = _logged(model)
     x = torch.ones(3)
     with log:
         model(x)

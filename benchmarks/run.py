@@ -112,15 +112,8 @@ def count_ops(bench: Bench, cases: list[str]) -> list[dict]:
     rows = []
     for c in cases:
         CASES[c](bench)  # warm-up: first-call work (caches, lazy imports) is not per generation
-        log = OpLog(roots)
-        hooks = [transformer.register_forward_pre_hook(log.enter_call),
-                 transformer.register_forward_hook(log.exit_call, always_call=True)]
-        try:
-            with log:
-                CASES[c](bench)
-        finally:
-            for h in hooks:
-                h.remove()
+        with OpLog(roots).follow(transformer) as log:
+            CASES[c](bench)
         syncs = {}
         if bench.device.startswith("cuda"):  # a second run, without the operator log's overhead
             with SyncReports(roots) as rep:

@@ -21,14 +21,6 @@ def ours_waiting(x: torch.Tensor) -> None:
     x[x > 0]
 
 
-def _logged(model: torch.nn.Module) -> OpLog:
-    """An operator log whose phases follow ``model``'s calls."""
-    log = OpLog([HERE])
-    model.register_forward_pre_hook(log.enter_call)
-    model.register_forward_hook(log.exit_call)
-    return log
-
-
 def test_ops_are_split_by_origin_and_phase():
     model = torch.nn.Linear(3, 3)
     x = torch.ones(2, 3)
@@ -39,8 +31,7 @@ def test_ops_are_split_by_origin_and_phase():
         return out * 2 + 1
 
     model.register_forward_hook(inside)
-    log = _logged(model)
-    with log:
+    with OpLog([HERE]).follow(model) as log:
         x = x - 1  # before the first call: 1
         exec(PIPELINE, {"model": model, "x": x})
         ours_between_and_after(x)  # after the last call: add, sum
@@ -55,9 +46,8 @@ def test_ops_are_split_by_origin_and_phase():
 
 def test_between_calls_is_not_after():
     model = torch.nn.Identity()
-    log = _logged(model)
     x = torch.ones(3)
-    with log:
+    with OpLog([HERE]).follow(model) as log:
         model(x)
         ours_between_and_after(x)
         ours_waiting(x)
@@ -68,13 +58,14 @@ def test_between_calls_is_not_after():
 
 def test_a_second_block_goes_on_counting_without_moving_again():
     model = torch.nn.Identity()
-    log = _logged(model)
     x = torch.ones(3)
-    with log:
+    log = OpLog([HERE])
+    with log.follow(model):
         model(x)
         ours_between_and_after(x)
-    with log:
+    with log.follow(model):
         ours_waiting(x)
+    assert not model._forward_hooks and not model._forward_pre_hooks  # follow() removed its hooks
     line = ours_waiting.__code__.co_firstlineno + 1
     assert dict(log.ours) == {"between": 0, "after": 4}
     assert dict(log.waits) == {f"after {HERE.name}:{line} index": 1}

@@ -175,16 +175,8 @@ def test_transport_reads_nothing_back_per_call(tiny_flux, mode):
 def _ops_of_stats(model, sites: list[int]) -> OpLog:
     cfg = StatsConfig(GenerationConfig(steps=3, seed=0, height=32, width=32, guidance_scale=None),
                       k=2, sites=sites, progress=False)
-    log = OpLog(ROOTS)
-    transformer = model.pipeline.transformer
-    hooks = [transformer.register_forward_pre_hook(log.enter_call),
-             transformer.register_forward_hook(log.exit_call, always_call=True)]
-    try:
-        with log:
-            collect_stats(model, ["a red cat"], cfg)
-    finally:
-        for h in hooks:
-            h.remove()
+    with OpLog(ROOTS).follow(model.pipeline.transformer) as log:
+        collect_stats(model, ["a red cat"], cfg)
     return log
 
 

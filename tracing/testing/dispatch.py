@@ -21,7 +21,8 @@ import re
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -139,6 +140,21 @@ class OpLog(TorchDispatchMode):
     def exit_call(self, *_: Any) -> None:
         """Mark the end of a transformer call (usable as a forward hook)."""
         self._phase = "between"
+
+    @contextmanager
+    def follow(self, module: torch.nn.Module) -> Iterator[OpLog]:
+        """Count inside the block, the phases following ``module``'s calls (plain hooks, removed after).
+
+        ``with OpLog(roots).follow(pipe.transformer) as log: ...``
+        """
+        hooks = [module.register_forward_pre_hook(self.enter_call),
+                 module.register_forward_hook(self.exit_call, always_call=True)]
+        try:
+            with self:
+                yield self
+        finally:
+            for h in hooks:
+                h.remove()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

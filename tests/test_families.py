@@ -331,3 +331,47 @@ def test_token_grid_is_the_transformers_own_at_a_non_square_size(family, family_
     rows, cols = model_adapter(model).grid(model.pipeline, height, width)
     assert cols == 2 * rows, (rows, cols)
     assert set(seen) == {(rows, cols)}, (family, seen, (rows, cols))
+
+
+def _input_tokens_by_hand(tr, args, kwargs, row: int) -> torch.Tensor:
+    """The test's own reading of the transformer's image input for one row: [tokens, features]."""
+    hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    x = hs[row]
+    if x.ndim == 2:  # packed tokens
+        return x
+    if isinstance(hs, list):  # Z-Image: [C, frames, H, W], 2x2 patches
+        x, p = x.flatten(0, 1), 2
+    else:
+        p = tr.config.patch_size
+    return torch.nn.functional.unfold(x[None].float(), kernel_size=p, stride=p)[0].T
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_segmentation_runs_and_clusters_the_transformers_own_input(family, family_model):
+    # The "input" baseline clusters the noisy latent tokens: whichever way the pipeline hands them
+    # over (packed, a latent patchified inside, a list; by keyword or position).
+    from massact_nn.tracing.probes.segmentation import SegmentConfig, segment
+
+    from massact_nn.clustering import segment_tokens
+
+    _, model = family_model(family)
+    extra = _extra(family, GUIDANCE_OFF[family])
+    scale = extra.pop("guidance_scale", None)
+    gen = GenerationConfig(steps=STEPS, seed=SEED, height=SIZE, width=SIZE, guidance_scale=scale, extra=extra)
+    stats = collect_stats(model, PROMPTS[:1], StatsConfig(gen, k=2, progress=False))
+    seen: list[torch.Tensor] = []
+    tr = model.pipeline.transformer
+    hook = tr.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(_input_tokens_by_hand(mod, args, kwargs, 0).detach().float()),
+        with_kwargs=True)
+    try:
+        cfg = SegmentConfig(stats=stats, prompt=PROMPTS[0], k=2, controls=("top",), generation=gen)
+        r = segment(model, cfg)
+    finally:
+        hook.remove()
+    rows, cols = r.mask.shape
+    assert len(seen) == STEPS and seen[0].shape[0] == rows * cols
+    assert r.meta["steps"] == [STEPS // 2]
+    want, _ = segment_tokens([seen[STEPS // 2]], rows, cols, cfg.features, cfg.foreground, cfg.aggregation,
+                             cfg.kmeans_seed)
+    assert torch.equal(r.set_mask("input"), want)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -231,6 +233,22 @@ def test_two_row_batch_under_batched_cfg(tiny_pixart):
     b = transport(model, SRC, TGT, None, TransportConfig(control=False, **part))
     torch.testing.assert_close(b.result, a.result, rtol=1e-4, atol=1e-5)
     assert (a.result - a.target).abs().max() > 1e-4 and (a.result - a.source).abs().max() > 1e-4
+
+
+def test_segmentation_token_masks_under_batched_cfg(tiny_pixart):
+    # token_mask="target" segments the target's trajectory first: PixArt hands the transformer its
+    # latent positionally, and the mask must be the segmentation probe's for each target.
+    from massact_nn.tracing.probes.segmentation import SegmentConfig, segment
+
+    g = GenerationConfig(steps=2, seed=5, height=32, width=32, guidance_scale=3.0)
+    st = collect_stats(tiny_pixart, ["a red cat"], StatsConfig(g, k=2, progress=False))
+    r = transport(tiny_pixart, SRC, TGT, st, TransportConfig(generation=g, k=2, token_mask="target",
+                                                              progress=False))
+    for j, target in enumerate(TGT):
+        seg = segment(tiny_pixart, SegmentConfig(stats=st, prompt=target, k=2, controls=("top",),
+                                                 generation=replace(g, seed=g.seed + j)))
+        want = r.token_mask[j] if r.token_mask.ndim == 3 else r.token_mask
+        assert torch.equal(want, seg.mask), j
 
 
 def test_image_source_on_an_unsupported_family_is_refused_first(tiny_pixart, tmp_path):

@@ -23,7 +23,7 @@ from . import (
     sd3,
     zimage,
 )
-from .base import LAYOUTS, Adapter, BlockList, Guidance, read_image, write_image
+from .base import LAYOUTS, Adapter, BlockList, Guidance, input_timestep, input_tokens, read_image, write_image
 
 ADAPTERS: tuple[Adapter, ...] = (
     flux.ADAPTER, flux2.ADAPTER, qwenimage.ADAPTER, sana.ADAPTER, sd3.ADAPTER, pixart.ADAPTER,
@@ -72,5 +72,6 @@ def adapter_for(transformer: Any) -> Adapter:
 
 __all__ = [
     "ADAPTERS", "LAYOUTS", "Adapter", "BlockList", "Guidance", "adapter_for",
-    "adapter_for_class", "read_image", "supported_classes", "transformer_class_name", "write_image",
+    "adapter_for_class", "input_timestep", "input_tokens", "read_image", "supported_classes",
+    "transformer_class_name", "write_image",
 ]

@@ -234,3 +234,48 @@ def write_image(layout: str, out: Any, image: torch.Tensor, n_image: int) -> Any
     if layout in ("concat_image_text", "image_then_pad"):
         return torch.cat([image, out[:, n_image:]], dim=1)
     raise MassactError(f"unknown layout {layout!r}; accepted: {', '.join(LAYOUTS)}")
+
+
+def input_tokens(args: tuple, kwargs: dict, row: int, grid: tuple[int, int]) -> torch.Tensor:
+    """The transformer's noisy image input for one batch row, as tokens in grid order.
+
+    Pipelines differ in how they hand it over: FLUX-style ones pass a packed ``[B, N, D]`` token
+    sequence; PixArt, SANA, SD3, CogView and others a ``[B, C, H, W]`` latent that the
+    transformer patchifies itself (each token then gets its ``C × ph × pw`` latent values);
+    Z-Image a list of ``[C, F, H, W]`` latents. Some pass it positionally.
+
+    Args:
+        args: The transformer call's positional arguments.
+        kwargs: Its keyword arguments.
+        row: Batch row.
+        grid: The image token grid (rows, cols).
+
+    Shapes:
+        -> [rows * cols, D], row-major over the grid.
+    """
+    x = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+    if x is None:
+        raise MassactError("the transformer call has no image input (neither `hidden_states` nor a "
+                           "first positional argument); accepted: a DiT called on its latents")
+    x = x[row]
+    rows, cols = grid
+    if x.ndim >= 3:  # a latent [C, H, W] (or [C, F, H, W]): patchify it the way the grid cuts it
+        x = x.reshape(-1, *x.shape[-2:])
+        c, h, w = x.shape
+        if h % rows or w % cols:
+            raise MassactError(f"latent input {h}x{w} does not split into the {rows}x{cols} token grid")
+        ph, pw = h // rows, w // cols
+        x = x.reshape(c, rows, ph, cols, pw).permute(1, 3, 0, 2, 4).reshape(rows * cols, c * ph * pw)
+    if x.ndim != 2 or x.shape[0] != rows * cols:
+        raise MassactError(f"the transformer's image input has shape {tuple(x.shape)}; accepted: "
+                           f"{rows * cols} tokens ({rows}x{cols}) or a latent that splits into them")
+    return x
+
+
+def input_timestep(args: tuple, kwargs: dict, row: int) -> float:
+    """The timestep a transformer call was given for one batch row (keyword or second argument)."""
+    t = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+    if not isinstance(t, torch.Tensor):
+        return float("nan") if t is None else float(t)
+    t = t.flatten()
+    return float(t[row] if t.numel() > row else t[0])

@@ -29,7 +29,7 @@ from massact_nn.sites import Site
 from massact_nn.stats import ChannelStats
 from massact_nn.transfer import move_packed
 
-from ..adapters import read_image
+from ..adapters import input_timestep, input_tokens, read_image
 from ..generation import GenerationConfig, resolve
 from ..model import model_adapter
 from ..sites import sites_of
@@ -155,9 +155,9 @@ def capture_generated(
             call = plan.schedule[i]
             if not (call.conditional and plan.active(call)):
                 continue
-            _, kw = model.transformer.inputs
-            inputs[call.step] = kw["hidden_states"][row].detach().float().cpu()
-            t_of[call.step] = float(kw["timestep"].flatten()[row])
+            args, kw = model.transformer.inputs
+            inputs[call.step] = input_tokens(args, kw, row, plan.grid).detach().float().cpu()
+            t_of[call.step] = input_timestep(args, kw, row)
             for s in plan.sites:
                 h = read_image(plan.layouts[s.module], model.transformer.get(s.module).output,
                                plan.n_img, s.module)

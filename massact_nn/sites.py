@@ -45,10 +45,15 @@ def resolve_sites(sites: Sequence[Site], wanted: Sequence[str | int] | None) -> 
     """Pick sites by module path or flat layer index; ``None`` means all.
 
     Raises:
-        MassactError: naming the unknown site and listing the accepted ones.
+        MassactError: naming the unknown site and listing the accepted ones, or for an empty
+            selection (an intervention at no site would silently change nothing).
     """
     if wanted is None:
         return list(sites)
+    wanted = list(wanted)
+    if not wanted:
+        raise MassactError("no sites selected (sites=[]); accepted: None for every site, or module "
+                           "paths / layer indices")
     by_module = {s.module: s for s in sites}
     by_layer = {s.layer: s for s in sites}
     out: list[Site] = []

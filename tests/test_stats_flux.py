@@ -173,5 +173,16 @@ def test_cli_unsupported_class(tmp_path, capsys):
 
 
 def test_no_sites_selected_is_a_clear_error(tiny_flux):
+    from massact_nn.tracing.probes.disruption import DisruptionConfig, disrupt
+    from massact_nn.tracing.probes.transport import TransportConfig, transport
+
     with pytest.raises(MassactError, match=r"no sites selected \(sites=\[\]\)"):
         collect_stats(tiny_flux, PROMPTS, StatsConfig(GEN, sites=[], progress=False))
+    st = collect_stats(tiny_flux, PROMPTS[:1], StatsConfig(GEN, k=2, progress=False))
+    # A probe at no site would return the untouched images as if it had intervened.
+    with pytest.raises(MassactError, match=r"no sites selected \(sites=\[\]\)"):
+        transport(tiny_flux, "a red cat", "a dog", st,
+                  TransportConfig(generation=GEN, sites=[], progress=False))
+    with pytest.raises(MassactError, match=r"no sites selected \(sites=\[\]\)"):
+        disrupt(tiny_flux, ["a cat"], st,
+                DisruptionConfig(generation=GEN, sites=(s for s in []), progress=False))

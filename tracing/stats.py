@@ -71,9 +71,6 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
     pipe = model.pipeline
     gen = resolve(config.generation, model, adapter)
     sites = resolve_sites(sites_of(model), config.sites)
-    if not sites:
-        raise MassactError("no sites selected (sites=[]); accepted: None for every site, or module "
-                           "paths / layer indices")
     kinds = {f"{bl.attr}.": bl.layout for bl in adapter.blocks}
     layout = {s.module: kinds[s.module.rsplit(".", 1)[0] + "."] for s in sites}
     n_img = n_image_tokens(pipe, adapter, gen.height, gen.width)

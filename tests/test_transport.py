@@ -303,6 +303,11 @@ def test_image_conditioned_transport(tiny_flux, stats_dir, tmp_path):
     bad = ImageSource(torch.zeros(1, 3, 16, 16), "a red cat")
     with pytest.raises(MassactError, match="shape"):
         transport(tiny_flux, bad, TGT, stats_dir, TransportConfig(**base))
+    # Under true CFG the real image has no unconditional values to carry: refused, not mixed.
+    cfg_gen = GenerationConfig(**{**GEN.to_json(), "extra": {"true_cfg_scale": 4.0,
+                                                             "negative_prompt": ["a black square"] * 2}})
+    with pytest.raises(MassactError, match="true classifier-free guidance .* not supported"):
+        transport(tiny_flux, src, TGT, stats_dir, TransportConfig(**{**base, "generation": cfg_gen}))
 
 
 # -- CLI: bad input is one line and a non-zero exit -------------------------------------------

@@ -135,6 +135,12 @@ def transport(
 
         check_supported(model_adapter(model).name)
     plan = make_plan(model, config.generation, config.sites, config.steps)
+    if image_source and not all(c.conditional for c in plan.schedule):
+        # The real image is run with its caption only: there are no unconditional values to
+        # carry into the unconditional calls, and copying the conditional ones would mix branches.
+        raise MassactError("image-conditioned transport under true classifier-free guidance (an "
+                           "unconditional transformer call per step) is not supported; accepted: "
+                           "guidance without a negative prompt (true_cfg_scale <= 1)")
     channels = _channels(plan, stats, config)
     named = {}
     if mask_keywords(config.token_mask):

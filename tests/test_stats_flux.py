@@ -63,6 +63,7 @@ def test_stats_equal_plain_hook_computation(tiny_flux):
             got = stats.stat(module, name).double()
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} {module}")
     assert stats.meta["prompts"] == PROMPTS and stats.meta["steps"] == 3
+    assert stats.meta["n_layers"] == len(oracle)  # the model's depth (for depth-normalised plots)
     # The dtype the activations were measured in, as diffusers reports the model's.
     assert stats.meta["dtype"] == str(tiny_flux.pipeline.transformer.dtype).removeprefix("torch.")
 
@@ -186,3 +187,11 @@ def test_no_sites_selected_is_a_clear_error(tiny_flux):
     with pytest.raises(MassactError, match=r"no sites selected \(sites=\[\]\)"):
         disrupt(tiny_flux, ["a cat"], st,
                 DisruptionConfig(generation=GEN, sites=(s for s in []), progress=False))
+
+
+def test_a_subset_of_sites_keeps_layers_and_the_models_depth(tiny_flux):
+    cfg = StatsConfig(GEN, k=2, sites=[0, "single_transformer_blocks.1"], progress=False)
+    sub = collect_stats(tiny_flux, PROMPTS[:1], cfg)
+    assert [(s.layer, s.module) for s in sub.sites] == [(0, "transformer_blocks.0"),
+                                                        (3, "single_transformer_blocks.1")]
+    assert sub.meta["n_layers"] == 4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -98,6 +100,19 @@ def test_profile_ranks_by_the_statistic_asked_for(stats):
             order = torch.sort(v, descending=True).indices
             assert fig.data[r].y[i] == pytest.approx(float(v[order[r]]), rel=1e-6)
     assert not torch.allclose(stats.stat(stats.sites[0].module, "max_abs"), stats.stat(stats.sites[0].module))
+
+
+def test_normalised_depth_is_the_layer_over_the_model_depth(stats):
+    # A 12-site model measured at sites 0, 1 and 11: each keeps its own depth, not its rank.
+    from massact_nn.stats import ChannelStats
+
+    part = ChannelStats(sites=[replace(s, layer=layer) for s, layer in zip(stats.sites, (0, 1, 11))],
+                        tensors=stats.tensors, meta={**stats.meta, "n_layers": 12})
+    fig = massive_profile([stats, part], normalized_depth=True)
+    assert list(fig.data[4].x) == pytest.approx([0, 1 / 11, 1], abs=1e-4)
+    assert list(fig.data[0].x) == pytest.approx([0, 0.5, 1])  # no n_layers: the deepest layer + 1
+    # The depths differ (3 against 12), so the default normalises too.
+    assert list(massive_profile([stats, part]).data[4].x) == pytest.approx([0, 1 / 11, 1], abs=1e-4)
 
 
 def test_profile_overlays_runs_on_normalised_depth(stats):

@@ -165,6 +165,23 @@ def test_transport_strip_without_control_rows_has_no_target_column():
         "source", "result (target with source channels)", "token mask p over the result"]
 
 
+def test_transport_strip_names_one_real_image_as_every_pairs_source():
+    import dataclasses
+
+    r = transport_result()
+    two = lambda x: torch.cat([x, x])  # noqa: E731
+    meta = {k: v for k, v in r.meta.items() if k != "source_prompts"}
+    r = dataclasses.replace(r, target=two(r.target), result=two(r.result),
+                            meta={**meta, "source_image": {"caption": "a white cross"},
+                                  "target_prompts": ["a cat", "a dog"]})
+    fig = transport_strip(r)
+    rows = [a.text for a in fig.layout.annotations if "→" in (a.text or "")]
+    assert rows == ["image a white cross → a cat", "image a white cross → a dog"]
+    hovers = [t.hovertemplate for t in fig.data if t.type == "image"]
+    sources = [h for h in hovers if h.startswith("source")]
+    assert len(sources) == 2 and all("source: image a white cross" in h for h in sources)
+
+
 def test_mask_viewer_rejects_a_truth_of_the_wrong_shape():
     from massact_nn.errors import MassactError
 

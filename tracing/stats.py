@@ -128,6 +128,7 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
         "generation": gen.to_json(),
         "include_uncond": config.include_uncond,
         "calls_per_step": per_step,
+        "n_layers": len(sites_of(model)),  # the model's depth, whatever `sites` measured
         "dtype": str(seen["dtype"]).replace("torch.", ""),
         "device": str(device),
     }

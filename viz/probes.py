@@ -184,6 +184,8 @@ def transport_strip(result: TransportResult, max_rows: int = 4, title: str | Non
     panels = [x for x in panels if x[2] is not None]
     ncol = len(panels) + 1
     names = [x[0] for x in panels] + ["token mask p over the result"]
+    if len(srcs) == 1:  # one real image is the source of every pair
+        srcs = srcs * n
     row_titles = [f"{_esc(_short(srcs[i] if i < len(srcs) else '?', 24))} → "
                   f"{_esc(_short(tgts[i] if i < len(tgts) else '?', 24))}" for i in range(n)]
     fig = make_subplots(rows=n, cols=ncol, subplot_titles=names + [""] * (ncol * (n - 1)),

@@ -173,6 +173,12 @@ def _profile_rows(stats: ChannelStats, stat: str) -> dict[str, list]:
     return rows
 
 
+def _depth(run: ChannelStats) -> int:
+    """How many sites the run's model has (not only the measured ones)."""
+    n = run.meta.get("n_layers")
+    return int(n) if n else max(s.layer for s in run.sites) + 1
+
+
 def massive_profile(
     stats: ChannelStats | Sequence[ChannelStats],
     stat: str = "abs_mean",
@@ -189,7 +195,10 @@ def massive_profile(
         stat: Which statistic ranks the channels.
         labels: Legend names of the runs (default: their model names).
         normalized_depth: x = layer / (layers − 1) in [0, 1] instead of the layer index
-            (default: on when the runs have different depths).
+            (default: on when the runs' models have different depths). The depth is the model's
+            site count from the run's metadata (``n_layers``), so a run measured at a subset of
+            sites keeps each site at its own depth; older runs fall back to the deepest measured
+            layer.
         title: Figure title.
     """
     runs = [stats] if isinstance(stats, ChannelStats) else list(stats)
@@ -206,16 +215,15 @@ def massive_profile(
             f"labels has {len(labels)} names for {len(runs)} runs; accepted: one per run"
         )
     if normalized_depth is None:
-        normalized_depth = len({len(r.sites) for r in runs}) > 1
+        normalized_depth = len({_depth(r) for r in runs}) > 1
     fig = go.Figure()
     single = len(runs) == 1
     ys: list[np.ndarray] = []
     for i, (run, lab) in enumerate(zip(runs, labels)):
         rows = _profile_rows(run, stat)
-        n = len(rows["layer"])
         x = np.asarray(rows["layer"], dtype=float)
         if normalized_depth:
-            x = (np.arange(n) / max(n - 1, 1)).round(4)
+            x = (x / max(_depth(run) - 1, 1)).round(4)
         vals = np.asarray([v + [np.nan] * (3 - len(v)) for v in rows["values"]])
         ys += [vals.ravel(), np.asarray(rows["median"])]
         chans = [c + [-1] * (3 - len(c)) for c in rows["channels"]]

@@ -554,6 +554,14 @@ def _spread(x: torch.Tensor, steps: list[int]) -> torch.Tensor:
     return out
 
 
+def _prompt_seeds(meta: dict) -> list:
+    """The seed each prompt of a run was generated with (prompt i: ``seed + i``)."""
+    if meta.get("prompt_seeds") is not None:
+        return list(meta["prompt_seeds"])
+    seed = meta.get("seed")
+    return [None if seed is None else seed + i for i in range(len(meta.get("prompts", [])))]
+
+
 @dataclass
 class ChannelStats:
     """Per-site channel statistics of one model over a set of prompts and steps.
@@ -632,8 +640,16 @@ class ChannelStats:
         return torch.stack([self.stat(s.module, stat) for s in self.sites])
 
     def summary(self, k: int | None = None) -> list[dict]:
-        """Per-site summary in layer order: top-k ids, top-1/median ratio, set stability."""
+        """Per-site summary in layer order: top-k ids, top-1/median ratio, set stability.
+
+        Raises:
+            MassactError: for a ``k`` above the run's own: the per-prompt and per-step top-k sets
+                the stability is computed on were kept at the run's k only.
+        """
         kk = self.k if k is None else k
+        if not isinstance(kk, int) or isinstance(kk, bool) or not 1 <= kk <= self.k:
+            raise MassactError(f"k={kk!r} is out of range; accepted: 1..{self.k} (the run kept its "
+                               f"top-{self.k} sets per prompt and step; collect with a larger k)")
         rows = []
         for s in self.sites:
             am = self.stat(s.module)
@@ -660,7 +676,9 @@ class ChannelStats:
         """
         if [s.module for s in self.sites] != [s.module for s in other.sites]:
             raise MassactError("cannot merge statistics over different site lists")
-        for key in ("model", "steps", "k", "height", "width"):
+        # Everything that changes what was measured must agree (not the prompts or their seeds).
+        for key in ("model", "steps", "k", "height", "width", "include_uncond", "guidance_scale",
+                    "calls_per_step", "dtype", "architecture"):
             if self.meta.get(key) != other.meta.get(key):
                 raise MassactError(
                     f"cannot merge: {key} differs ({self.meta.get(key)!r} vs {other.meta.get(key)!r})"
@@ -682,8 +700,13 @@ class ChannelStats:
                 t[f"{name}/{m}"] = torch.cat([a[f"{name}/{m}"], b[f"{name}/{m}"]])
             t[f"count/{m}"] = a[f"count/{m}"] + b[f"count/{m}"]
             t[f"step_count/{m}"] = a[f"step_count/{m}"] + b[f"step_count/{m}"]
+        extra = [(m.get("generation") or {}).get("extra") for m in (self.meta, other.meta)]
+        if extra[0] != extra[1]:
+            raise MassactError(f"cannot merge: generation extra differs ({extra[0]!r} vs {extra[1]!r})")
         meta = dict(self.meta)
         meta["prompts"] = list(self.meta.get("prompts", [])) + list(other.meta.get("prompts", []))
+        # Each shard numbered its seeds from its own first prompt: keep them per prompt.
+        meta["prompt_seeds"] = _prompt_seeds(self.meta) + _prompt_seeds(other.meta)
         meta["per_step"] = self.has_per_step and other.has_per_step
         return ChannelStats(sites=list(self.sites), tensors=t, meta=meta)
 

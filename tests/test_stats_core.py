@@ -65,6 +65,34 @@ def test_merge_of_shards_equals_whole():
             assert got[key] == pytest.approx(want[key], rel=1e-5)
 
 
+def test_merge_refuses_shards_measured_differently_and_keeps_each_prompts_seed():
+    data = _data(1, prompts=2)
+    shards = []
+    for first in (0, 1):
+        acc = StatsAccumulator(SITES, steps=2, k=2)
+        _feed(acc, {k: v[:, first:first + 1] for k, v in data.items()}, 1)
+        shards.append(acc)
+    base = {"model": "m", "include_uncond": False, "guidance_scale": 3.5, "dtype": "float32",
+            "generation": {"extra": {"max_sequence_length": 16}}}
+    a = shards[0].result({**base, "prompts": ["a"], "seed": 0})
+    b = shards[1].result({**base, "prompts": ["b"], "seed": 10})
+    assert a.merge(b).meta["prompt_seeds"] == [0, 10]
+    for key, value in (("include_uncond", True), ("guidance_scale", None), ("dtype", "bfloat16"),
+                       ("generation", {"extra": {"max_sequence_length": 64}})):
+        other = shards[1].result({**base, key: value, "prompts": ["b"], "seed": 10})
+        with pytest.raises(MassactError, match="cannot merge: .* differs"):
+            a.merge(other)
+
+
+def test_summary_refuses_a_k_above_the_runs_own():
+    acc = StatsAccumulator(SITES, steps=2, k=2)
+    _feed(acc, _data(2), 3)
+    st = acc.result()
+    assert len(st.summary(1)[0]["top"]) == 1
+    with pytest.raises(MassactError, match=r"k=3 is out of range; accepted: 1\.\.2"):
+        st.summary(3)
+
+
 def test_save_load_round_trip_is_exact(tmp_path):
     acc = StatsAccumulator(SITES, steps=2, k=3, per_step=True)
     _feed(acc, _data(2), 3)

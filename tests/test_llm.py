@@ -286,3 +286,12 @@ def test_cli_bad_input_is_one_line_exit_2(args, needle, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert needle in err and len(err.splitlines()) == 1 and err.startswith("massact: error:")
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "bert-tiny"])
+def test_a_prompt_longer_than_the_model_takes_is_truncated_to_its_positions(name):
+    llm = load_llm(name)
+    cfg = llm.model._module.config
+    limit = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
+    res = collect_llm_stats(llm, ["the red cat sat on the mat " * 40], LLMStatsConfig(progress=False))
+    assert len(res.positions.tokens[0]) == limit < 512

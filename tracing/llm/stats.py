@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -72,6 +73,7 @@ def collect_llm_stats(
     if config.max_length < 1:
         raise MassactError(f"max_length={config.max_length!r} is out of range; accepted: >= 1")
     module = llm.model._module
+    max_length = min(config.max_length, _positions(module, llm.tokenizer))
     sites = resolve_sites(llm_sites(module), config.sites)
     device = _device(module)
     acc = StatsAccumulator(sites, steps=1, k=config.k, device=device)
@@ -79,7 +81,7 @@ def collect_llm_stats(
     envoys = {s.module: llm.model.get(s.module) for s in sites}
     n_tokens = []
     for i, prompt in enumerate(tqdm(prompts, desc="llm-stats", unit="prompt", disable=not config.progress)):
-        enc = llm.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=config.max_length)
+        enc = llm.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=max_length)
         ids = enc["input_ids"][0]
         mask = enc.get("attention_mask")
         real = mask[0].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
@@ -114,3 +116,18 @@ def collect_llm_stats(
         "device": str(device),
     }
     return LLMStats(channels=acc.result(meta), positions=pos.result())
+
+
+def _positions(module: Any, tokenizer: Any) -> int:
+    """The longest input the model takes: its position table, or the tokenizer's own limit.
+
+    Longer prompts are truncated to it; past it, position embeddings would be indexed out of
+    range (an IndexError deep in the model).
+    """
+    cfg = getattr(module, "config", None)
+    limits = [getattr(cfg, name, None) for name in ("max_position_embeddings", "n_positions", "n_ctx")]
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max, int) and model_max < 1_000_000:  # transformers' "no limit" is ~1e30
+        limits.append(model_max)
+    limits = [int(n) for n in limits if isinstance(n, int) and n > 0]
+    return min(limits) if limits else 1 << 62

@@ -315,3 +315,16 @@ def test_block_with_a_different_return_layout_fails_naming_the_site(tmp_path):
     where = r"block single_transformer_blocks\.1: output tuple\[.*'concat_text_image'"
     with pytest.raises(MassactError, match=where):
         collect_stats(model, ["a red cat"], StatsConfig(gen, progress=False))
+
+
+def test_prompts_file_skips_blank_and_comment_lines_indented_or_not(tmp_path):
+    import argparse
+
+    from massact_nn.tracing.cli.common import prompts_from
+
+    f = tmp_path / "p.txt"
+    f.write_text("a red cat\n\n# a comment\n   # an indented comment\n  a blue dog  \n")
+    args = argparse.Namespace(prompt=["first"], prompts_file=str(f))
+    assert prompts_from(args) == ["first", "a red cat", "a blue dog"]
+    with pytest.raises(MassactError, match="does not exist"):
+        prompts_from(argparse.Namespace(prompt=None, prompts_file=str(tmp_path / "none.txt")))

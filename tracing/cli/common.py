@@ -54,7 +54,8 @@ def prompts_from(args: argparse.Namespace) -> list[str]:
         f = Path(args.prompts_file)
         if not f.is_file():
             raise MassactError(f"prompts file {args.prompts_file!r} does not exist")
-        prompts += [ln.strip() for ln in f.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        lines = [ln.strip() for ln in f.read_text().splitlines()]
+        prompts += [ln for ln in lines if ln and not ln.startswith("#")]
     if not prompts:
         raise MassactError("no prompts given; accepted: one or more --prompt or a --prompts-file")
     return prompts

@@ -129,6 +129,13 @@ def test_cli_stats_writes_run_folder(tiny_flux_dir, tmp_path, capsys):
     st = ChannelStats.load(out)
     assert st.has_per_step
     assert meta["sites"][0]["top"] == st.top("transformer_blocks.0", 3).tolist()
+    # --sites takes commas as the probe commands do.
+    code = cli(["stats", "--model", str(tiny_flux_dir), "--prompt", "a red cat", "--steps", "1",
+                "--height", "32", "--width", "32", "--sites", "0,single_transformer_blocks.1",
+                "--out", str(tmp_path / "two")])
+    assert code == 0
+    assert [s.module for s in ChannelStats.load(tmp_path / "two").sites] == [
+        "transformer_blocks.0", "single_transformer_blocks.1"]
 
 
 @pytest.mark.parametrize(
@@ -140,6 +147,7 @@ def test_cli_stats_writes_run_folder(tiny_flux_dir, tmp_path, capsys):
         (["--no-prompt"], "no prompts given"),
         (["--height", "30"], "height=30, width=32 cannot be taken by this model"),
         (["--sites", "transformer_blocks.7"], "unknown site 'transformer_blocks.7'"),
+        (["--sites"], "--sites was given without a site"),
         (["--dtype", "float64"], None),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..model import load_model
+from ..probes.common import parse_sites
 from ..stats import StatsConfig, collect_stats
 from .common import (
     add_generation_args,
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device, args.dtype)
     cfg = StatsConfig(
         generation=generation_from(args), k=args.k, per_step=args.per_step,
-        include_uncond=args.include_uncond, sites=args.sites,
+        include_uncond=args.include_uncond, sites=parse_sites(args.sites),
     )
     stats = collect_stats(model, prompts, cfg)
     stats.save(args.out)

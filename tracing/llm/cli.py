@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli.common import add_prompt_args, add_site_stats_args, check_k_arg, prompts_from
+from ..probes.common import parse_sites
 from .model import BUILTIN
 
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = prompts_from(args)
     check_k_arg(args.k)
     llm = load_llm(args.model, args.device, args.dtype)
-    cfg = LLMStatsConfig(k=args.k, n_top=args.n_top, keep=args.keep, sites=args.sites,
+    cfg = LLMStatsConfig(k=args.k, n_top=args.n_top, keep=args.keep, sites=parse_sites(args.sites),
                          max_length=args.max_length)
     result = collect_llm_stats(llm, prompts, cfg)
     result.save(args.out)

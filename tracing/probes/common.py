@@ -72,10 +72,18 @@ def parse_steps(spec: str | Sequence[int] | None, n_steps: int) -> list[int]:
 
 
 def parse_sites(values: Sequence[str] | None) -> list[str] | None:
-    """``--sites`` values (space- or comma-separated module paths / layer indices); ``None`` = all."""
-    if not values:
+    """``--sites`` values (space- or comma-separated module paths / layer indices); ``None`` = all.
+
+    Raises:
+        MassactError: for ``--sites`` given without a site (it would select nothing).
+    """
+    if values is None:
         return None
-    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+    out = [v.strip() for item in values for v in item.split(",") if v.strip()]
+    if not out:
+        raise MassactError("--sites was given without a site; accepted: module paths or layer "
+                           "indices (space- or comma-separated), or no --sites for every site")
+    return out
 
 
 @dataclass

@@ -211,8 +211,20 @@ def test_stats_match_hooks_without_guidance(family, family_model):
     stats = _stats(model, family, GUIDANCE_OFF[family])
     ref, calls, rows = hook_stats(folder, family, GUIDANCE_OFF[family])
     assert calls == STEPS and rows == {len(PROMPTS)}, "guidance should be off"
-    assert stats.meta["calls_per_step"] == 1
+    assert stats.meta["calls_per_step"] == 1 and stats.meta["guidance"] == "none"
     _assert_same(stats, ref)
+
+
+def test_metadata_records_the_guidance_the_pipeline_defaulted_to(family_model):
+    # No guidance_scale given: SANA runs its own default (> 1, so batched CFG); the run says so.
+    import inspect
+
+    _, model = family_model("sana")
+    default = inspect.signature(type(model.pipeline).__call__).parameters["guidance_scale"].default
+    gen = GenerationConfig(steps=1, seed=SEED, height=SIZE, width=SIZE, extra=CALL_DEFAULTS["sana"])
+    st = collect_stats(model, PROMPTS[:1], StatsConfig(gen, progress=False))
+    assert st.meta["guidance_scale"] is None and default > 1
+    assert st.meta["guidance_scale_used"] == default and st.meta["guidance"] == "batched [uncond; cond]"
 
 
 @pytest.mark.parametrize("family", sorted(GUIDANCE_ON))
@@ -225,6 +237,11 @@ def test_guidance_measures_conditional_rows_and_counts_both_on_request(family, f
     n = len(PROMPTS)
     assert (calls, rows) == ((2 * STEPS, {n}) if mode == "two_calls" else (STEPS, {2 * n}))
     assert cond.meta["calls_per_step"] == (2 if mode == "two_calls" else 1)
+    assert cond.meta["guidance"] == ("two calls per step (cond, then uncond)" if mode == "two_calls"
+                                     else "batched [uncond; cond]")
+    for key in ("guidance_scale", "true_cfg_scale"):
+        if key in guidance:
+            assert cond.meta[f"{key}_used"] == guidance[key]
     _assert_same(cond, ref)
 
     # The unconditional branch alone does not pass the same check: the check tells them apart.

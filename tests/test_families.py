@@ -392,3 +392,27 @@ def test_segmentation_runs_and_clusters_the_transformers_own_input(family, famil
     want, _ = segment_tokens([seen[STEPS // 2]], rows, cols, cfg.features, cfg.foreground, cfg.aggregation,
                              cfg.kmeans_seed)
     assert torch.equal(r.set_mask("input"), want)
+
+
+def test_per_prompt_negative_prompts_follow_their_prompts_into_batches(family_model):
+    # SANA runs [uncond; cond] in one call; counting the uncond rows makes the negatives matter.
+    from massact_nn.errors import MassactError
+
+    _, model = family_model("sana")
+    prompts = ["a red cat", "a blue dog", "a green tree"]
+    negs = ["blurry", "a cat", "dark"]
+
+    def run(batch_size: int, negatives, ps=prompts):
+        extra = {**CALL_DEFAULTS["sana"], "negative_prompt": negatives}
+        gen = GenerationConfig(steps=1, seed=SEED, height=SIZE, width=SIZE, guidance_scale=3.0,
+                               batch_size=batch_size, extra=extra)
+        return collect_stats(model, ps, StatsConfig(gen, include_uncond=True, progress=False))
+
+    whole, chunked = run(8, negs), run(2, negs)
+    for key, x in whole.tensors.items():
+        torch.testing.assert_close(chunked.tensors[key], x, rtol=1e-5, atol=1e-6, msg=key)
+    other = run(8, ["blurry", "dark", "a cat"])  # the negatives do change what is measured
+    assert not torch.allclose(other.tensors["abs_mean/transformer_blocks.0"],
+                              whole.tensors["abs_mean/transformer_blocks.0"])
+    with pytest.raises(MassactError, match="negative_prompt has 2 entries for 3 prompts"):
+        run(2, negs[:2])

@@ -305,7 +305,7 @@ def test_image_conditioned_transport(tiny_flux, stats_dir, tmp_path):
         transport(tiny_flux, bad, TGT, stats_dir, TransportConfig(**base))
     # Under true CFG the real image has no unconditional values to carry: refused, not mixed.
     cfg_gen = GenerationConfig(**{**GEN.to_json(), "extra": {"true_cfg_scale": 4.0,
-                                                             "negative_prompt": ["a black square"] * 2}})
+                                                             "negative_prompt": "a black square"}})
     with pytest.raises(MassactError, match="true classifier-free guidance .* not supported"):
         transport(tiny_flux, src, TGT, stats_dir, TransportConfig(**{**base, "generation": cfg_gen}))
 

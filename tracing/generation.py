@@ -117,18 +117,38 @@ def n_image_tokens(pipe: Any, adapter: Adapter, height: int, width: int) -> int:
     return rows * cols
 
 
+#: Pipeline arguments that may hold one entry per prompt.
+PER_PROMPT = ("negative_prompt", "negative_prompt_2", "negative_prompt_3", "prompt_2", "prompt_3")
+
+
 def pipeline_kwargs(
-    cfg: GenerationConfig, prompts: Sequence[str], first_index: int, device: torch.device | str
+    cfg: GenerationConfig, prompts: Sequence[str], first_index: int, device: torch.device | str,
+    total: int | None = None,
 ) -> dict:
     """Keyword arguments of one pipeline call over a batch of prompts.
 
     The batch starts at index ``first_index`` of the whole prompt list, so prompt i always gets
-    seed ``seed + i`` whatever the batch size.
+    seed ``seed + i`` whatever the batch size. Per-prompt lists in ``cfg.extra`` (a negative
+    prompt per prompt, ...) of the whole list's length (``total``) are cut to the batch alike.
+
+    Raises:
+        MassactError: for a per-prompt list that fits neither the whole list nor the batch (it
+            would pair prompts with the wrong entries, or fail inside the pipeline).
     """
-    gens = [torch.Generator(device).manual_seed(cfg.seed + first_index + i) for i in range(len(prompts))]
+    n = len(prompts)
+    gens = [torch.Generator(device).manual_seed(cfg.seed + first_index + i) for i in range(n)]
     kw = dict(
         num_inference_steps=cfg.steps, height=cfg.height, width=cfg.width, generator=gens, **cfg.extra
     )
+    for key in PER_PROMPT:
+        v = kw.get(key)
+        if not isinstance(v, (list, tuple)):
+            continue
+        if total is not None and len(v) == total:
+            kw[key] = list(v[first_index:first_index + n])
+        elif len(v) != n:
+            raise MassactError(f"{key} has {len(v)} entries for {total if total is not None else n} "
+                               f"prompts; accepted: one string for every prompt, or one per prompt")
     if cfg.guidance_scale is not None:
         kw["guidance_scale"] = cfg.guidance_scale
     return kw

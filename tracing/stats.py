@@ -78,7 +78,7 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
     device = pipe.transformer.device
     acc = StatsAccumulator(sites, gen.steps, config.k, config.per_step, device)
 
-    probe_kw = pipeline_kwargs(gen, prompts[:1], 0, device)
+    probe_kw = pipeline_kwargs(gen, prompts[:1], 0, device, total=len(prompts))
     per_step = adapter.calls_per_step(pipe, probe_kw)
     batched_cfg = adapter.batched_cfg(pipe, probe_kw)
     schedule = call_schedule(gen.steps, per_step)
@@ -104,7 +104,7 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
         n = len(chunk)
         # Statistics need no pixels: skipping the VAE decode (and PIL conversion) saves a second per
         # image on FLUX.1-dev at 1024² and is what keeps the overhead near zero.
-        kw = {"output_type": "latent", **pipeline_kwargs(gen, chunk, first, device)}
+        kw = {"output_type": "latent", **pipeline_kwargs(gen, chunk, first, device, total=len(prompts))}
         rows = _rows(n, batched_cfg, config.include_uncond)
         expected = 2 * n if batched_cfg else n
         with model.generate(chunk, **kw) as tracer:

@@ -121,6 +121,23 @@ def test_encode_decode_shapes_and_noising_at_zero(tiny_flux, world_image):
     assert torch.equal(n.noisy[0], n.clean[0])
     with pytest.raises(MassactError, match="t=.*accepted: 0 <= t <= 1"):
         noise_to(z, 1.5, noise)
+    with pytest.raises(MassactError, match=r"t=\[nan\] is out of range"):
+        noise_to(z, float("nan"), noise)
+
+
+def test_pil_images_of_any_mode_are_taken_as_rgb(tiny_flux, world_image):
+    from massact_nn.tracing.probes.real_image import image_tensor
+    from PIL import Image
+
+    img, _, _ = world_image  # [1, 3, 32, 32] in [-1, 1]
+    rgb = Image.fromarray(((img[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
+    want = image_tensor(tiny_flux, rgb, 32, 32)
+    assert torch.equal(image_tensor(tiny_flux, rgb.convert("RGBA"), 32, 32), want)
+    pal = rgb.convert("P")  # a palette image: its own (quantised) colours
+    as_rgb = image_tensor(tiny_flux, pal.convert("RGB"), 32, 32)
+    assert torch.equal(image_tensor(tiny_flux, pal, 32, 32), as_rgb)
+    grey = image_tensor(tiny_flux, rgb.convert("L"), 32, 32)
+    assert grey.shape == want.shape and torch.equal(grey[:, 0], grey[:, 1])
 
 
 def _input_hooks(tr, store):

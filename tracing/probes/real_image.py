@@ -92,6 +92,8 @@ def image_tensor(model: Any, image: Any, height: int, width: int) -> torch.Tenso
                 f"image has shape {tuple(t.shape)}; accepted: [B, 3, {height}, {width}] in [-1, 1]"
             )
         return t
+    if hasattr(image, "convert"):  # PIL: RGBA, grey or palette images have no 3 channels yet
+        image = image.convert("RGB")
     return pipe.image_processor.preprocess(image, height=height, width=width)
 
 
@@ -162,7 +164,7 @@ def noise_to(x0: torch.Tensor, t: float | torch.Tensor, noise: torch.Tensor) -> 
     sigma = torch.as_tensor(t, dtype=x0.dtype, device=x0.device).flatten()
     if sigma.numel() not in (1, x0.shape[0]):
         raise MassactError(f"{sigma.numel()} noise levels for {x0.shape[0]} rows; accepted: 1 or one per row")
-    if ((sigma < 0) | (sigma > 1)).any():
+    if not ((sigma >= 0) & (sigma <= 1)).all():  # NaN fails both comparisons
         raise MassactError(f"t={sigma.tolist()} is out of range; accepted: 0 <= t <= 1")
     sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
     return sigma * noise + (1.0 - sigma) * x0

@@ -416,3 +416,24 @@ def test_per_prompt_negative_prompts_follow_their_prompts_into_batches(family_mo
                               whole.tensors["abs_mean/transformer_blocks.0"])
     with pytest.raises(MassactError, match="negative_prompt has 2 entries for 3 prompts"):
         run(2, negs[:2])
+
+
+@pytest.mark.parametrize("family", ["zimage", "krea2"])
+def test_transport_on_families_without_norm_out(family, family_model):
+    # Their final layer is not called norm_out: the transport must not look for one unless asked.
+    from massact_nn.tracing.probes.transport import TransportConfig, transport
+    from massact_nn.tracing.sites import sites_of
+
+    from massact_nn.errors import MassactError
+
+    _, model = family_model(family)
+    extra = _extra(family, GUIDANCE_OFF[family])
+    scale = extra.pop("guidance_scale", None)
+    gen = GenerationConfig(steps=STEPS, seed=SEED, height=SIZE, width=SIZE, guidance_scale=scale, extra=extra)
+    every = {s.module: torch.arange(s.channels) for s in sites_of(model)}
+    cfg = TransportConfig(generation=gen, channels=every, progress=False)
+    r = transport(model, PROMPTS[0], PROMPTS[1], None, cfg)
+    assert not torch.equal(r.source, r.target) and torch.equal(r.result, r.source)
+    with pytest.raises(MassactError, match="copy_norm_out=True, but .* has no norm_out"):
+        transport(model, PROMPTS[0], PROMPTS[1], None, TransportConfig(generation=gen, channels=every,
+                                                                       copy_norm_out=True, progress=False))

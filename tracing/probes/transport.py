@@ -134,6 +134,9 @@ def transport(
         from .real_image import check_supported
 
         check_supported(model_adapter(model).name)
+    if config.copy_norm_out and not hasattr(model.pipeline.transformer, "norm_out"):
+        raise MassactError(f"copy_norm_out=True, but {type(model.pipeline.transformer).__name__} has no "
+                           "norm_out; accepted: copy_norm_out=False (its blocks carry the transport)")
     plan = make_plan(model, config.generation, config.sites, config.steps)
     if image_source and not all(c.conditional for c in plan.schedule):
         # The real image is run with its caption only: there are no unconditional values to
@@ -266,7 +269,7 @@ def _per_site(model: Any, plan: Plan, channels: dict[str, torch.Tensor], copy_no
     device = plan.device
     chans = move_packed(channels, device)
     blocks = {s.module: model.transformer.get(s.module) for s in plan.sites}
-    norm_out = model.transformer.norm_out
+    norm_out = model.transformer.norm_out if copy_norm_out else None  # not every family has one
     every: dict = {}  # norm_out's channel ids, built at its first call
 
     def body(call):

@@ -177,6 +177,7 @@ def test_disrupt_controls_planted_channel_is_critical(planted, planted_stats, tm
     assert all(torch.equal(back.images[k], r.images[k]) for k in r.sets)
     assert all(torch.equal(back.channels[k][m], r.channels[k][m]) for k in r.sets for m in r.channels[k])
     assert back.meta["prompts"] == PROMPTS and back.meta["steps"] == [0, 1, 2]
+    assert back.meta["guidance"] == "none"  # the tiny FLUX.1 is guidance-distilled: one call per step
 
 
 def test_same_seeds_make_baseline_reproducible(planted):

@@ -226,6 +226,8 @@ def test_two_row_batch_under_batched_cfg(tiny_pixart):
     with_ctl = transport(model, SRC, TGT, None, TransportConfig(**kw))
     without = transport(model, SRC, TGT, None, TransportConfig(control=False, **kw))
     assert (with_ctl.target - with_ctl.source).abs().max() > 1e-3
+    meta = with_ctl.meta
+    assert meta["guidance"] == "batched [uncond; cond]" and meta["guidance_scale_used"] == 3.0
     for r in (with_ctl, without):
         torch.testing.assert_close(r.result, r.source, rtol=1e-4, atol=1e-5)
     part = dict(kw, channels={m: c[:3] for m, c in chans.items()}, copy_norm_out=False)

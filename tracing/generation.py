@@ -14,6 +14,7 @@ import torch
 from massact_nn.errors import MassactError
 
 from .adapters import Adapter
+from .adapters.base import call_arg
 
 
 @dataclass
@@ -152,6 +153,20 @@ def pipeline_kwargs(
     if cfg.guidance_scale is not None:
         kw["guidance_scale"] = cfg.guidance_scale
     return kw
+
+
+def guidance_meta(pipe: Any, kwargs: dict, calls_per_step: int, batched_cfg: bool) -> dict:
+    """How guidance really ran, for a run's metadata.
+
+    The scales the pipeline used (its own defaults where the call left them out) and the
+    structure: ``none``, ``batched [uncond; cond]`` or ``two calls per step (cond, then uncond)``.
+    """
+    if calls_per_step == 2:
+        how = "two calls per step (cond, then uncond)"
+    else:
+        how = "batched [uncond; cond]" if batched_cfg else "none"
+    return {"guidance_scale_used": call_arg(pipe, kwargs, "guidance_scale"),
+            "true_cfg_scale_used": call_arg(pipe, kwargs, "true_cfg_scale"), "guidance": how}
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from massact_nn.sites import resolve_sites
 from massact_nn.stats import ChannelStats, StatsAccumulator
 
 from .adapters import read_image
-from .adapters.base import call_arg
 from .generation import (
     GenerationConfig,
     batches,
     call_schedule,
+    guidance_meta,
     n_image_tokens,
     pipeline_kwargs,
     resolve,
@@ -126,10 +126,7 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
         "height": gen.height,
         "width": gen.width,
         "guidance_scale": gen.guidance_scale,
-        # What the pipeline really ran with: its own default when guidance_scale was left out.
-        "guidance_scale_used": call_arg(pipe, probe_kw, "guidance_scale"),
-        "true_cfg_scale_used": call_arg(pipe, probe_kw, "true_cfg_scale"),
-        "guidance": _guidance(per_step, batched_cfg),
+        **guidance_meta(pipe, probe_kw, per_step, batched_cfg),
         "generation": gen.to_json(),
         "include_uncond": config.include_uncond,
         "calls_per_step": per_step,
@@ -138,13 +135,6 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
         "device": str(device),
     }
     return acc.result(meta)
-
-
-def _guidance(calls_per_step: int, batched_cfg: bool) -> str:
-    """How classifier-free guidance ran, for the run's metadata."""
-    if calls_per_step == 2:
-        return "two calls per step (cond, then uncond)"
-    return "batched [uncond; cond]" if batched_cfg else "none"
 
 
 def _rows(n: int, batched_cfg: bool, include_uncond: bool) -> slice:

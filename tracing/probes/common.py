@@ -23,7 +23,7 @@ from massact_nn.sites import Site, resolve_sites
 from massact_nn.stats import ChannelStats
 
 from ..adapters import Adapter
-from ..generation import Call, GenerationConfig, call_schedule, pipeline_kwargs, resolve
+from ..generation import Call, GenerationConfig, call_schedule, guidance_meta, pipeline_kwargs, resolve
 from ..model import library_versions, model_adapter, model_name
 from ..sites import sites_of
 
@@ -162,8 +162,10 @@ def make_plan(
 
 
 def probe_meta(model: Any, plan: Plan, **extra: Any) -> dict:
-    """Run metadata: model, versions, generation, sites, steps, plus ``extra``."""
+    """Run metadata: model, versions, generation, guidance as it ran, sites, steps, plus ``extra``."""
     pipe = model.pipeline
+    per_step = len(plan.schedule) // max(plan.gen.steps, 1)
+    guidance = guidance_meta(pipe, pipeline_kwargs(plan.gen, [""], 0, "cpu"), per_step, plan.batched_cfg)
     return {
         "model": model_name(model),
         "architecture": plan.adapter.name,
@@ -172,6 +174,7 @@ def probe_meta(model: Any, plan: Plan, **extra: Any) -> dict:
         "generation": plan.gen.to_json(),
         "seed": plan.gen.seed,
         "num_steps": plan.gen.steps,
+        **guidance,
         "steps": plan.steps,
         "sites": [s.module for s in plan.sites],
         "token_grid": list(plan.grid),

@@ -50,8 +50,19 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write tensors to a safetensors file atomically (contiguous CPU copies)."""
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    """Write tensors to a safetensors file atomically (contiguous CPU copies).
+
+    Tensors that share memory (one id tensor given for every site, a view of another entry) are
+    copied apart first: safetensors refuses shared storage.
+    """
+    flat, seen = {}, set()
+    for k, v in tensors.items():
+        x = v.detach().to("cpu").contiguous()
+        ptr = x.untyped_storage().data_ptr()
+        if ptr in seen and x.numel():
+            x = x.clone()
+        seen.add(x.untyped_storage().data_ptr())
+        flat[k] = x
     atomic_write(path, lambda tmp: save_file(flat, tmp))
 
 

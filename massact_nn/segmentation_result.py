@@ -116,6 +116,9 @@ class SegmentationResult:
                 "(written by `massact segment --out DIR`)"
             )
         t, meta = load_tensors(folder / RESULT_FILE), load_json(folder / META_FILE)
+        if "primary" not in meta or "image_size" not in meta:
+            raise MassactError(f"{str(folder)!r} holds another kind of result, not a segmentation; "
+                               "accepted: a folder written by `massact segment --out DIR`")
         part = lambda p: {k[len(p) + 1:]: v for k, v in t.items() if k.startswith(p + "/")}  # noqa: E731
         primary, size = meta.pop("primary"), tuple(int(x) for x in meta.pop("image_size"))
         return cls(

@@ -718,6 +718,8 @@ class ChannelStats:
         meta = dict(self.meta)
         meta["sites"] = self.summary()
         save_json(folder / "stats.json", meta)
+        # A language-model run written here before would otherwise be read back with these.
+        (folder / "llm.json").unlink(missing_ok=True)
         return folder
 
     @classmethod

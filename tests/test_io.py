@@ -49,3 +49,48 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+
+
+def test_tensors_that_share_memory_are_saved_apart(tmp_path):
+    import torch
+
+    from massact_nn._io import load_tensors, save_tensors
+
+    ids = torch.tensor([3, 1, 2])
+    base = torch.arange(12.0).reshape(3, 4)
+    tensors = {"a/ids": ids, "b/ids": ids, "whole": base, "row": base[1], "empty": torch.zeros(0)}
+    save_tensors(tmp_path / "t.safetensors", tensors)
+    back = load_tensors(tmp_path / "t.safetensors")
+    assert back.keys() == tensors.keys()
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_a_statistics_run_saved_over_a_language_model_run_is_not_read_as_one(tmp_path):
+    import torch
+
+    from massact_nn.errors import MassactError
+    from massact_nn.llm_stats import LLMStats, TokenPositions
+    from massact_nn.sites import Site
+    from massact_nn.stats import ChannelStats, StatsAccumulator
+
+    acc = StatsAccumulator([Site(0, "layers.0", 4)], steps=1, k=2)
+    acc.begin_batch(1)
+    acc.update("layers.0", 0, torch.randn(1, 3, 4))
+    acc.end_batch()
+    st = acc.result({"model": "m"})
+    LLMStats(channels=st, positions=TokenPositions(layers=[], tokens=[])).save(tmp_path)
+    assert LLMStats.load(tmp_path).channels.meta["model"] == "m"
+    ChannelStats(sites=st.sites, tensors=st.tensors, meta={"model": "a DiT"}).save(tmp_path)
+    assert not (tmp_path / "llm.json").exists()
+    with pytest.raises(MassactError):
+        LLMStats.load(tmp_path)
+
+
+def test_a_segmentation_load_of_another_results_folder_names_it(tmp_path):
+    from massact_nn._io import save_run
+    from massact_nn.errors import MassactError
+    from massact_nn.segmentation_result import SegmentationResult
+
+    save_run(tmp_path, {}, {}, {"model": "m", "mode": "zero"})  # the shape of a probe's folder
+    with pytest.raises(MassactError, match="holds another kind of result, not a segmentation"):
+        SegmentationResult.load(tmp_path)

@@ -14,7 +14,7 @@ from massact_nn.viz import build_report, find_runs
 from massact_nn.viz.browser import check_in_browser, find_chromium
 
 from massact_nn.errors import MassactError
-from massact_nn.masks import iou, save_png_mask, upsample_nearest
+from massact_nn.masks import iou, load_png_mask, save_png_mask, upsample_nearest
 
 needs_chromium = pytest.mark.skipif(
     find_chromium() is None,
@@ -176,3 +176,45 @@ def test_metrics_tables_pivot_same_keyed_metrics_and_judge_records():
     assert heads[2] == "<tr><th>judge</th><th>fg_colour</th></tr>"
     assert "<td>source</td><td>yellow</td>" in html and "<td>result</td><td>red</td>" in html
     assert "to_source.per_pair.inside" in html and "token_fraction" in html
+
+
+def test_unreadable_folders_get_a_section_saying_why_not_a_crash(runs, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs / "stats_a", root / "stats_a")
+    shutil.copytree(runs / "stats_b", root / "stats_half_written")
+    (root / "stats_half_written" / "stats.json").write_text('{"model": "m", "sites": [')
+    shutil.copytree(runs / "transport", root / "transport_bad")
+    (root / "transport_bad" / "result.safetensors").write_bytes(b"not a safetensors file")
+    shutil.copytree(runs / "disrupt", root / "disrupt_list_metrics")
+    (root / "disrupt_list_metrics" / "metrics.json").write_text("[1, 2]")
+    out = build_report([root], tmp_path / "r.html")
+    text = out.read_text()
+    for name in ("stats_half_written", "transport_bad", "disrupt_list_metrics"):
+        part = _section(text, next(h for h in re.findall(r">([^<>]*)</h2>", text) if name in h))
+        assert "could not read this folder" in part or "could not be read" in part, name
+    assert "Statistics · stats_a" in text  # the readable run is still there
+    assert main(["report", str(root), "--out", str(tmp_path)]) == 2  # a folder is no HTML file
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is a folder" in err
+
+
+def test_the_iou_shown_uses_the_mask_the_run_was_scored_against(runs, tmp_path):
+    import json
+    import shutil
+
+    import torch
+
+    seg = tmp_path / "segment"
+    shutil.copytree(runs / "segment", seg)
+    truth = load_png_mask(seg / "gt_mask.png")
+    other = tmp_path / "new_truth.png"
+    save_png_mask(other, ~truth)  # the run was re-scored against another mask
+    metrics = json.loads((seg / "metrics.json").read_text()) if (seg / "metrics.json").is_file() else {}
+    (seg / "metrics.json").write_text(json.dumps({**metrics, "gt_mask": str(other)}))
+    r, _ = segmentation_result()
+    want = iou(upsample_nearest(r.set_mask("top"), *truth.shape), ~truth)
+    assert not torch.equal(truth, ~truth)
+    text = build_report([seg], tmp_path / "r.html").read_text()
+    assert f"IoU {want:.4g}" in _section(text, "Segmentation · segment")

@@ -224,6 +224,7 @@ def test_cli_writes_the_run_folder(run_files, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["iou"]) == {"top", "all", "random", "low", "all_foreground", "centre", "input"}
     assert metrics["iou"] == pytest.approx(r.iou(load_png_mask(d / "gt.png")))
+    assert metrics["gt_mask"] == str((d / "gt.png").resolve())  # found from any working folder
     assert r.meta["t"] == 0.5 and r.meta["caption"] == caption
 
 

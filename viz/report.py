@@ -18,7 +18,7 @@ from massact_nn.errors import MassactError
 from massact_nn.stats import ChannelStats
 
 from . import html as H
-from .sections import probe_kind, probe_section, stats_section
+from .sections import generic_section, probe_kind, probe_section, stats_section
 from .stats import massive_profile
 
 
@@ -75,16 +75,33 @@ _KIND_ORDER = {"stats": 0, "disruption": 1, "segmentation": 2, "transport": 3}
 
 
 def _kind(run: Run) -> str:
-    return "stats" if run.kind == "stats" else probe_kind(run.path, run.meta)
+    return run.kind if run.kind in ("stats", "unreadable") else probe_kind(run.path, run.meta)
 
 
 def _classify(p: Path) -> Run | None:
-    if is_stats_run(p):
-        return Run(p, "stats", load_json(p / "stats.json"))
-    if is_probe_run(p):
-        meta = load_json(p / "meta.json") if (p / "meta.json").is_file() else {}
-        return Run(p, "probe", meta)
+    try:
+        if is_stats_run(p):
+            return Run(p, "stats", load_json(p / "stats.json"))
+        if is_probe_run(p):
+            meta = load_json(p / "meta.json") if (p / "meta.json").is_file() else {}
+            return Run(p, "probe", meta if isinstance(meta, dict) else {})
+    except (ValueError, OSError) as e:  # a half-written or foreign file: shown, not fatal
+        return Run(p, "unreadable", {"error": f"{type(e).__name__}: {e}"})
     return None
+
+
+def _section(run: Run, anchor: str) -> tuple[str, list[str]]:
+    """A run's section; a folder that cannot be read gets a section saying why, not a crash."""
+    error = run.meta.get("error") if run.kind == "unreadable" else None
+    if error is None:
+        try:
+            return (stats_section(run.path, anchor) if run.kind == "stats"
+                    else probe_section(run.path, run.meta, anchor))
+        except Exception as e:  # noqa: BLE001 (one bad folder must not take the report down)
+            error = f"{type(e).__name__}: {e}"
+    name, parts = generic_section(run.path, {}, anchor)
+    return name, parts[:1] + [H.paragraph(f"(This folder could not be read: {error}; showing its "
+                                          "files.)")] + parts[1:]
 
 
 def _anchor(i: int, run: Run) -> str:
@@ -102,6 +119,8 @@ def build_report(folders: Sequence[str | Path], out: str | Path, title: str | No
     Returns:
         The written path.
     """
+    if Path(out).is_dir():
+        raise MassactError(f"out={str(out)!r} is a folder; accepted: the path of the HTML file to write")
     runs = find_runs(folders)
     title = title or "massact-nn report"
     body = [H.heading(1, title),
@@ -110,19 +129,22 @@ def build_report(folders: Sequence[str | Path], out: str | Path, title: str | No
                         "channel and value.")]
     toc = []
     sections: list[str] = []
-    stats_runs = [r for r in runs if r.kind == "stats"]
+    stats_runs, loaded = [], []
+    for r in runs:
+        if r.kind == "stats":
+            try:
+                loaded.append(ChannelStats.load(r.path))
+                stats_runs.append(r)
+            except Exception:  # noqa: BLE001 (its own section says why)
+                pass
     if len(stats_runs) > 1:
         toc.append(("compare", "Profiles compared (normalised depth)"))
-        loaded = [ChannelStats.load(r.path) for r in stats_runs]
         labels = [f"{r.path.name} ({Path(str(r.meta.get('model', '?'))).name})" for r in stats_runs]
         sections += [H.heading(2, "Profiles compared (normalised depth)", "compare"),
                      H.figure(massive_profile(loaded, labels=labels, normalized_depth=True))]
     for i, run in enumerate(runs):
         anchor = _anchor(i, run)
-        if run.kind == "stats":
-            name, parts = stats_section(run.path, anchor)
-        else:
-            name, parts = probe_section(run.path, run.meta, anchor)
+        name, parts = _section(run, anchor)
         toc.append((anchor, name))
         sections += parts
     nav = "<nav><ul>" + "".join(

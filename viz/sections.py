@@ -12,7 +12,6 @@ import torch
 
 from massact_nn._io import load_json
 from massact_nn.disruption import DisruptionResult
-from massact_nn.errors import MassactError
 from massact_nn.segmentation_result import SegmentationResult
 from massact_nn.stats import ChannelStats
 from massact_nn.transport import TransportResult
@@ -97,7 +96,7 @@ def probe_section(folder: Path, meta: dict, anchor: str) -> tuple[str, list[str]
     if kind in builders:
         try:
             return builders[kind](folder, anchor)
-        except (MassactError, KeyError, ValueError, RuntimeError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 (any unreadable result falls back to its files)
             name, parts = generic_section(folder, meta, anchor)
             return name, parts[:1] + [H.paragraph(f"(The {kind} viewer could not read this "
                                                   f"folder: {e}; showing its files.)")] + parts[1:]
@@ -149,11 +148,12 @@ def _truth(folder: Path, r: SegmentationResult) -> torch.Tensor | None:
     """The true mask: a PNG in the folder, or the ``--gt-mask`` file named in ``metrics.json``."""
     from massact_nn.masks import load_png_mask
 
-    candidates = [folder / f for f in TRUTH_FILES]
-    if (folder / "metrics.json").is_file():
+    candidates = []
+    if (folder / "metrics.json").is_file():  # the mask the run was scored against comes first
         gt = load_json(folder / "metrics.json").get("gt_mask")
         if isinstance(gt, str):
             candidates.append(Path(gt))
+    candidates += [folder / f for f in TRUTH_FILES]
     for f in candidates:
         if f.is_file():
             return load_png_mask(f, tuple(r.image_size))

@@ -102,7 +102,7 @@ def write_segmentation(result: SegmentationResult, folder: str | Path, gt_mask: 
         "iou_with_primary": {n: iou(result.set_mask(n), result.mask) for n in names},
     }
     if truth is not None:
-        metrics["gt_mask"] = str(gt_mask)
+        metrics["gt_mask"] = str(Path(gt_mask).resolve())  # readable from any working folder
         metrics["iou"] = result.iou(truth)
     save_json(folder / "metrics.json", metrics)
     return metrics

@@ -148,6 +148,7 @@ def test_cli_stats_writes_run_folder(tiny_flux_dir, tmp_path, capsys):
         (["--height", "30"], "height=30, width=32 cannot be taken by this model"),
         (["--sites", "transformer_blocks.7"], "unknown site 'transformer_blocks.7'"),
         (["--sites"], "--sites was given without a site"),
+        (["--guidance-scale", "nan"], "guidance_scale=nan is out of range; accepted: a finite number"),
         (["--dtype", "float64"], None),
     ],
 )

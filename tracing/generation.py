@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,6 +80,9 @@ def resolve(config: GenerationConfig, model: Any, adapter: Adapter) -> Generatio
     cfg.width = cfg.width or fd.get("width") or default_px
     if cfg.guidance_scale is None and "guidance_scale" in fd:
         cfg.guidance_scale = fd["guidance_scale"]
+    if cfg.guidance_scale is not None and not math.isfinite(float(cfg.guidance_scale)):
+        raise MassactError(f"guidance_scale={cfg.guidance_scale!r} is out of range; "
+                           "accepted: a finite number")
     # Any other call default the folder declares (max_sequence_length, use_resolution_binning, ...)
     # goes to the pipeline when its __call__ takes it.
     takes = inspect.signature(type(pipe).__call__).parameters if fd else {}

@@ -205,3 +205,14 @@ def test_step_heatmap_is_steps_by_top_channels_per_site(stats):
         np.testing.assert_allclose(np.asarray(t.z), np.log10(want), rtol=1e-5)
         assert s.module in t.hovertemplate
     assert fig.data[0].zmin == fig.data[2].zmin  # one colour scale for every site
+
+
+def test_labels_and_prompts_are_shown_as_typed(stats):
+    from massact_nn.viz._common import esc
+
+    fig = massive_profile([stats, stats], labels=["<b>run</b> %{y}", "plain"])
+    trace = fig.data[0]
+    assert trace.name.startswith("&lt;b&gt;run&lt;/b&gt;") and "%{y}" not in trace.name
+    assert "%{y}" not in trace.hovertemplate.split("<br>")[0]  # not a placeholder plotly fills
+    assert "&lt;b&gt;run" in fig.layout.title.text
+    assert esc("50%{x} <i>") == "50%\u200b{x} &lt;i&gt;"

@@ -74,8 +74,12 @@ def compact_ints(values: object) -> str:
 
 
 def esc(s: object) -> str:
-    """Text for hover boxes and titles (plotly.js reads them as HTML: "<b>" must stay text)."""
-    return html.escape(str(s))
+    """Text for hover boxes and titles, shown as typed.
+
+    plotly.js reads them as HTML ("<b>" must stay text), and hover templates read ``%{...}`` as
+    a placeholder: a zero-width space after the ``%`` keeps it text and looks the same.
+    """
+    return html.escape(str(s)).replace("%{", "%\u200b{")
 
 
 def short(s: str, n: int = 32) -> str:

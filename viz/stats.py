@@ -23,6 +23,7 @@ from ._common import (
     LOG_FLOOR,
     PALETTE,
     as_numpy,
+    esc,
     log10_floor,
     log_axis,
     log_colorbar,
@@ -219,7 +220,8 @@ def massive_profile(
     fig = go.Figure()
     single = len(runs) == 1
     ys: list[np.ndarray] = []
-    for i, (run, lab) in enumerate(zip(runs, labels)):
+    for i, (run, group) in enumerate(zip(runs, labels)):
+        lab = esc(group)  # shown as typed in legends and hover boxes
         rows = _profile_rows(run, stat)
         x = np.asarray(rows["layer"], dtype=float)
         if normalized_depth:
@@ -233,7 +235,7 @@ def massive_profile(
             fig.add_trace(go.Scatter(
                 x=x, y=np.maximum(vals[:, r], LOG_FLOOR), mode="lines+markers",
                 name=f"top-{r + 1}" if single else f"{lab} top-{r + 1}",
-                legendgroup=lab, line=dict(color=colour, dash=dash, width=2.5 if r == 0 else 1.8),
+                legendgroup=group, line=dict(color=colour, dash=dash, width=2.5 if r == 0 else 1.8),
                 marker=dict(size=6), text=rows["module"],
                 customdata=np.stack(
                     [np.asarray(rows["layer"]), [c[r] for c in chans], vals[:, r]], 1
@@ -245,7 +247,7 @@ def massive_profile(
         med = np.asarray(rows["median"])
         fig.add_trace(go.Scatter(
             x=x, y=np.maximum(med, LOG_FLOOR), mode="lines+markers",
-            name="median" if single else f"{lab} median", legendgroup=lab,
+            name="median" if single else f"{lab} median", legendgroup=group,
             line=dict(color=MEDIAN_COLOUR if single else PALETTE[i % len(PALETTE)], dash="dashdot",
                       width=1.5),
             marker=dict(size=5, symbol="square"), text=rows["module"],
@@ -253,7 +255,7 @@ def massive_profile(
             hovertemplate=(f"{lab}<br>site %{{text}} · L%{{customdata[0]}}<br>median over channels"
                            f"<br>{stat} = %{{customdata[1]:.4g}}<extra></extra>"),
         ))
-    model = labels[0] if single else " vs ".join(labels)
+    model = esc(labels[0]) if single else " vs ".join(esc(x) for x in labels)
     fig.update_layout(
         title=dict(text=title or f"Massive activations per layer ({stat}) · {model}"),
         xaxis=_depth_axis(normalized_depth, max(len(r.sites) for r in runs)),

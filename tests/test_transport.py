@@ -481,3 +481,9 @@ def test_full_transport_writes_the_whole_source_stream_at_every_site(tiny_flux, 
         for i, rows in enumerate(_by_role(seen[s], mode, len(TGT), GEN.steps)):
             assert torch.equal(rows["res"], rows["src"]), (s, i)
             assert not torch.equal(rows["tgt"], rows["src"])
+
+
+def test_a_bad_token_mask_lists_every_accepted_kind(tmp_path):
+    for spec in (str(tmp_path / "missing.npy"), 3.5):
+        with pytest.raises(MassactError, match="accepted: 'all', 'target', 'source', 'union', "):
+            resolve_token_mask(spec, (8, 8), 1, {})

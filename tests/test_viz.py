@@ -216,3 +216,12 @@ def test_labels_and_prompts_are_shown_as_typed(stats):
     assert "%{y}" not in trace.hovertemplate.split("<br>")[0]  # not a placeholder plotly fills
     assert "&lt;b&gt;run" in fig.layout.title.text
     assert esc("50%{x} <i>") == "50%\u200b{x} &lt;i&gt;"
+
+
+def test_a_language_model_run_overlays_as_it_is(stats):
+    from massact_nn.llm_stats import LLMStats, TokenPositions
+
+    llm = LLMStats(channels=_stats(n_sites=5, seed=1, model="/m/llm"), positions=TokenPositions([], []))
+    fig = massive_profile([stats, llm], normalized_depth=True)
+    assert list(fig.data[4].x) == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+    assert list(fig.data[4].y) == pytest.approx(list(massive_profile(llm.channels).data[0].y))

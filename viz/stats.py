@@ -192,7 +192,7 @@ def massive_profile(
     Several runs (e.g. a DiT and a language model) are overlaid: colour per run, dash per rank.
 
     Args:
-        stats: One run, or several to overlay.
+        stats: One run, or several to overlay (a language-model run's ``LLMStats`` too).
         stat: Which statistic ranks the channels.
         labels: Legend names of the runs (default: their model names).
         normalized_depth: x = layer / (layers − 1) in [0, 1] instead of the layer index
@@ -203,6 +203,7 @@ def massive_profile(
         title: Figure title.
     """
     runs = [stats] if isinstance(stats, ChannelStats) else list(stats)
+    runs = [getattr(r, "channels", r) for r in runs]  # a language-model run: its channel statistics
     if not runs:
         raise MassactError("no statistics given; accepted: one or more ChannelStats")
     if stat not in STATISTICS:

@@ -124,8 +124,9 @@ def resolve_token_mask(
     elif isinstance(spec, (torch.Tensor, np.ndarray)):
         m = torch.as_tensor(spec).bool()
     else:
-        raise MassactError(f"token mask {spec!r} not understood; accepted: 'all', a [rows, cols] bool "
-                           "tensor, a segmentation run folder, a .npy file or a PNG")
+        raise MassactError(f"token mask {spec!r} not understood; accepted: 'all', 'target', 'source', "
+                           "'union', a [rows, cols] bool tensor, a segmentation run folder, a .npy file "
+                           "or a PNG")
     given = tuple(m.shape)
     if m.ndim == 2:
         m = m[None].expand(pairs, -1, -1)
@@ -141,8 +142,8 @@ def _mask_file(p: Path, grid: tuple[int, int]) -> torch.Tensor:
             raise MassactError(f"{str(p)!r} holds no mask.npy; accepted: a segmentation run folder")
         p = p / "mask.npy"
     if not p.is_file():
-        raise MassactError(f"token mask file {str(p)!r} does not exist; accepted: 'all', a segmentation "
-                           "run folder, a .npy file or a PNG")
+        raise MassactError(f"token mask file {str(p)!r} does not exist; accepted: 'all', 'target', "
+                           "'source', 'union', a segmentation run folder, a .npy file or a PNG")
     if p.suffix == ".npy":
         return torch.from_numpy(np.load(p)).bool()
     return mask_from_png(p, grid)

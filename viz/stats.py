@@ -259,7 +259,7 @@ def massive_profile(
     model = esc(labels[0]) if single else " vs ".join(esc(x) for x in labels)
     fig.update_layout(
         title=dict(text=title or f"Massive activations per layer ({stat}) · {model}"),
-        xaxis=_depth_axis(normalized_depth, max(len(r.sites) for r in runs)),
+        xaxis=_depth_axis(normalized_depth, max(_depth(r) for r in runs)),
         yaxis=log_axis(np.concatenate(ys), f"{stat} (log)"),
         height=460, font=FONT, template="plotly_white", hovermode="closest",
         legend=dict(orientation="v", x=1.01, y=1.0),

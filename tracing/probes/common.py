@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,7 @@ class Plan:
         device: The transformer's device when the plan was made (read once: diffusers walks
             every submodule for it, ~0.3 ms on a 6-block model). A plan serves one run: make a
             new one after moving the model.
+        guidance: How guidance runs (:func:`guidance_meta`), for the run's metadata.
     """
 
     adapter: Adapter
@@ -115,6 +116,7 @@ class Plan:
     grid: tuple[int, int]
     batched_cfg: bool
     device: torch.device
+    guidance: dict = field(default_factory=dict)
 
     def active(self, call: Call) -> bool:
         """Whether a transformer call falls in the intervened steps."""
@@ -153,19 +155,18 @@ def make_plan(
     probe_kw = pipeline_kwargs(gen, [""], 0, "cpu")
     per_step = adapter.calls_per_step(pipe, probe_kw)
     rows, cols = adapter.grid(pipe, gen.height, gen.width)
+    batched_cfg = adapter.batched_cfg(pipe, probe_kw)
     return Plan(
         adapter=adapter, gen=gen, sites=chosen, layouts=layouts, steps=parse_steps(steps, gen.steps),
         schedule=call_schedule(gen.steps, per_step), n_img=rows * cols, grid=(rows, cols),
-        batched_cfg=adapter.batched_cfg(pipe, probe_kw),
-        device=pipe.transformer.device,
+        batched_cfg=batched_cfg, device=pipe.transformer.device,
+        guidance=guidance_meta(pipe, probe_kw, per_step, batched_cfg),
     )
 
 
 def probe_meta(model: Any, plan: Plan, **extra: Any) -> dict:
     """Run metadata: model, versions, generation, guidance as it ran, sites, steps, plus ``extra``."""
     pipe = model.pipeline
-    per_step = len(plan.schedule) // max(plan.gen.steps, 1)
-    guidance = guidance_meta(pipe, pipeline_kwargs(plan.gen, [""], 0, "cpu"), per_step, plan.batched_cfg)
     return {
         "model": model_name(model),
         "architecture": plan.adapter.name,
@@ -174,7 +175,7 @@ def probe_meta(model: Any, plan: Plan, **extra: Any) -> dict:
         "generation": plan.gen.to_json(),
         "seed": plan.gen.seed,
         "num_steps": plan.gen.steps,
-        **guidance,
+        **plan.guidance,
         "steps": plan.steps,
         "sites": [s.module for s in plan.sites],
         "token_grid": list(plan.grid),

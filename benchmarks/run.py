@@ -53,6 +53,37 @@ def measure_memory(args, folder: Path, tokens: int, case: str) -> tuple[float, f
     return None
 
 
+class CallSpan:
+    """Host time of a case outside the transformer's calls: before the first, after the last.
+
+    On a GPU nothing is queued then, so this host work idles the device whatever the model's
+    size; what runs inside the calls overlaps the blocks' kernels. On a CPU the two parts add up.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.first: float | None = None
+        self.last: float | None = None
+        self._hooks = [module.register_forward_pre_hook(self._enter),
+                       module.register_forward_hook(self._exit, always_call=True)]
+
+    def _enter(self, *_: object) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def _exit(self, *_: object) -> None:
+        self.last = time.perf_counter()
+
+    def outside(self, start: float, end: float) -> float:
+        """Seconds of ``[start, end]`` before the first call and after the last (then reset)."""
+        first, last = self.first or end, self.last or end
+        self.first = self.last = None
+        return (first - start) + (end - last)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -219,21 +250,29 @@ def main() -> None:
             for c in cases:  # warm-up
                 CASES[c](bench)
             times: dict[str, list[float]] = {c: [] for c in cases}
+            outside: dict[str, list[float]] = {c: [] for c in cases}
+            span = CallSpan(bench.model.pipeline.transformer)
             for _ in range(reps):
                 for c in cases:
                     bench.sync()
                     t0 = time.perf_counter()
                     CASES[c](bench)
                     bench.sync()
-                    times[c].append(time.perf_counter() - t0)
+                    t1 = time.perf_counter()
+                    times[c].append(t1 - t0)
+                    outside[c].append(span.outside(t0, t1))
+            span.remove()
             plain_t = statistics.median(times["plain"])
+            plain_out = statistics.median(outside["plain"])
             mem = {} if args.no_memory else {c: measure_memory(args, folder, n, c) for c in cases}
             for c in cases:
                 t = statistics.median(times[c])
                 added, total = mem.get(c) or (None, None)
                 base = mem.get("plain")
                 ratio = total / base[1] if total and base else None
+                out = statistics.median(outside[c])
                 rows.append({"tokens": n, "case": c, "seconds": t, "time_ratio": t / plain_t,
+                             "outside_ms": 1e3 * out,
                              "peak_added_mib": added, "peak_total_mib": total, "mem_ratio": ratio,
                              **bench.extra.get(c, {})})
                 mem_txt = (f"peak {total:8.1f} MiB (+{added:6.1f} in the run)  x{ratio:.3f}"
@@ -241,8 +280,10 @@ def main() -> None:
                 extra = "  ".join(f"{k}={v}" for k, v in bench.extra.get(c, {}).items())
                 # Milliseconds over plain. With a negligible model (width 64, 16 tokens) they are
                 # the case's host work, what a GPU cannot hide (see "Host time" in the README).
-                print(f"  {c:<24} {t:8.3f}s  x{t / plain_t:6.3f} {1e3 * (t - plain_t):+8.2f} ms   "
-                      f"{mem_txt}  {extra}")
+                # Outside: host time before the first transformer call and after the last, over
+                # plain's (a GPU idles through it; "Host time" in the README).
+                print(f"  {c:<24} {t:8.3f}s  x{t / plain_t:6.3f} {1e3 * (t - plain_t):+8.2f} ms  "
+                      f"outside {1e3 * (out - plain_out):+7.2f} ms   {mem_txt}  {extra}")
     if args.json:
         from massact_nn._io import save_json
 

@@ -43,3 +43,29 @@ def test_operator_counts_split_the_library_s_own_by_phase(tmp_path):
     assert st["ops"] - rows["plain"]["ops"] == sum(st[f"ours_{p}"] for p in phases)
     assert all(w.startswith("after ") for w in st["waits"])  # nothing waits before or in the calls
     assert re.search(r"^  stats +\d+ +\+\d+ \|", out.stdout, re.M), out.stdout
+
+
+def test_call_span_counts_host_time_before_the_first_call_and_after_the_last(monkeypatch):
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    clock = [0.0]
+    monkeypatch.setattr(run.time, "perf_counter", lambda: clock[0])
+    module = torch.nn.Linear(2, 2)
+    span = run.CallSpan(module)
+    start = clock[0]
+    clock[0] += 3.0  # before the first call
+    module(torch.zeros(2))
+    clock[0] += 100.0  # between calls: the model's time, not counted
+    module(torch.zeros(2))
+    clock[0] += 5.0  # after the last call
+    assert span.outside(start, clock[0]) == 8.0
+    # Reset after each reading; a case that never calls the module is outside from end to end.
+    assert span.outside(clock[0], clock[0] + 7.0) == 7.0
+    span.remove()
+    module(torch.zeros(2))
+    assert span.first is None and span.last is None

@@ -15,7 +15,7 @@ import torch
 from massact_nn.errors import MassactError
 
 from .adapters import Adapter
-from .adapters.base import call_arg
+from .adapters.base import call_arg, call_parameters
 
 
 @dataclass
@@ -85,7 +85,7 @@ def resolve(config: GenerationConfig, model: Any, adapter: Adapter) -> Generatio
                            "accepted: a finite number")
     # Any other call default the folder declares (max_sequence_length, use_resolution_binning, ...)
     # goes to the pipeline when its __call__ takes it.
-    takes = inspect.signature(type(pipe).__call__).parameters if fd else {}
+    takes = call_parameters(pipe) if fd else {}
     for key, value in fd.items():
         if key not in ("height", "width", "guidance_scale", "num_inference_steps", "steps") and key in takes:
             cfg.extra.setdefault(key, value)
@@ -103,7 +103,7 @@ def resolve(config: GenerationConfig, model: Any, adapter: Adapter) -> Generatio
 
 
 def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
-    param = inspect.signature(type(pipe).__call__).parameters.get(name)
+    param = call_parameters(pipe).get(name)
     if param is None or param.default is inspect.Parameter.empty or param.default is None:
         return fallback
     return param.default

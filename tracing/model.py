@@ -109,9 +109,35 @@ def model_name(model: Any) -> str:
     """A stable name for run metadata: the folder or Hub id the pipeline came from."""
     pipe = getattr(model, "pipeline", model)
     name = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None)
-    if name and Path(str(name)).resolve() == toy_path().resolve():
+    if name and _is_toy(str(name)):
         return "toy"
     return str(name or type(pipe).__name__)
+
+
+@functools.lru_cache(maxsize=64)
+def _is_toy(name: str) -> bool:
+    # Resolving paths makes system calls (~40 µs): once per name, not at every run's end.
+    return Path(name).resolve() == toy_path().resolve()
+
+
+def transformer_device(model: Any) -> torch.device:
+    """The device the transformer computes on: diffusers' ``transformer.device``, without its scan.
+
+    diffusers' property walks every submodule for a group-offloading hook at each read
+    (through ``nn.Module.__getattr__``: ~2 µs a module, ~2 ms on FLUX.1-dev), before the first
+    transformer call, where a GPU has nothing to run. ``apply_group_offloading`` always
+    registers a hook on the module it is given, so while the transformer's own hook registry
+    is absent or empty (a pipeline call leaves an empty one) the answer is its first
+    parameter's device; with any hook there (offloading, caching), diffusers answers.
+    """
+    pipe = getattr(model, "pipeline", model)
+    tr = pipe.transformer
+    registry = vars(tr).get("_diffusers_hook")
+    hooks = {} if registry is None else getattr(registry, "hooks", None)
+    if hooks == {}:  # anything else, a registry diffusers changed included: ask diffusers
+        for p in tr.parameters():
+            return p.device
+    return tr.device
 
 
 def library_versions() -> dict[str, str]:

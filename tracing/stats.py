@@ -23,7 +23,7 @@ from .generation import (
     pipeline_kwargs,
     resolve,
 )
-from .model import library_versions, model_adapter, model_name
+from .model import library_versions, model_adapter, model_name, transformer_device
 from .sites import sites_of
 
 
@@ -71,11 +71,12 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
     adapter = model_adapter(model)
     pipe = model.pipeline
     gen = resolve(config.generation, model, adapter)
-    sites = resolve_sites(sites_of(model), config.sites)
+    every = sites_of(model)
+    sites = resolve_sites(every, config.sites)
     kinds = {f"{bl.attr}.": bl.layout for bl in adapter.blocks}
     layout = {s.module: kinds[s.module.rsplit(".", 1)[0] + "."] for s in sites}
     n_img = n_image_tokens(pipe, adapter, gen.height, gen.width)
-    device = pipe.transformer.device
+    device = transformer_device(pipe)
     acc = StatsAccumulator(sites, gen.steps, config.k, config.per_step, device)
 
     probe_kw = pipeline_kwargs(gen, prompts[:1], 0, device, total=len(prompts))
@@ -130,7 +131,7 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
         "generation": gen.to_json(),
         "include_uncond": config.include_uncond,
         "calls_per_step": per_step,
-        "n_layers": len(sites_of(model)),  # the model's depth, whatever `sites` measured
+        "n_layers": len(every),  # the model's depth, whatever `sites` measured
         "dtype": str(seen["dtype"]).replace("torch.", ""),
         "device": str(device),
     }

@@ -8,7 +8,9 @@ release changed it, instead of silently reading the wrong tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,10 +150,20 @@ def call_arg(pipe: Any, kwargs: dict, name: str) -> Any:
     """
     if name in kwargs:
         return kwargs[name]
-    import inspect
-
-    param = inspect.signature(type(pipe).__call__).parameters.get(name)
+    param = call_parameters(pipe).get(name)
     return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def call_parameters(pipe: Any) -> Mapping[str, inspect.Parameter]:
+    """The parameters of the pipeline's ``__call__``, by name."""
+    return _parameters(type(pipe).__call__)
+
+
+@functools.lru_cache(maxsize=256)
+def _parameters(fn: Callable) -> Mapping[str, inspect.Parameter]:
+    # inspect.signature costs ~40 µs a call, and a run asks several times before the first
+    # transformer call (host time a GPU idles through).
+    return inspect.signature(fn).parameters
 
 
 def scale_above_one(name: str) -> Callable[[Any, dict], bool]:

@@ -24,7 +24,7 @@ from massact_nn.stats import ChannelStats
 
 from ..adapters import Adapter
 from ..generation import Call, GenerationConfig, call_schedule, guidance_meta, pipeline_kwargs, resolve
-from ..model import library_versions, model_adapter, model_name
+from ..model import library_versions, model_adapter, model_name, transformer_device
 from ..sites import sites_of
 
 #: A user metric: ``(images [n, 3, H, W] in [0, 1], prompts) -> {name: value}``.
@@ -159,7 +159,7 @@ def make_plan(
     return Plan(
         adapter=adapter, gen=gen, sites=chosen, layouts=layouts, steps=parse_steps(steps, gen.steps),
         schedule=call_schedule(gen.steps, per_step), n_img=rows * cols, grid=(rows, cols),
-        batched_cfg=batched_cfg, device=pipe.transformer.device,
+        batched_cfg=batched_cfg, device=transformer_device(pipe),
         guidance=guidance_meta(pipe, probe_kw, per_step, batched_cfg),
     )
 

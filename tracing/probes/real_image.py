@@ -30,7 +30,7 @@ from massact_nn.sites import Site, resolve_sites
 
 from ..adapters import read_image
 from ..generation import GenerationConfig, n_image_tokens, pipeline_kwargs, resolve
-from ..model import model_adapter
+from ..model import model_adapter, transformer_device
 from ..sites import sites_of
 
 POSTERIOR = ("mode", "sample")
@@ -200,7 +200,7 @@ def noised_image(
     img = image_tensor(model, image, height, width)
     if img.shape[0] != 1:
         raise MassactError(f"got {img.shape[0]} images; accepted: one image per call")
-    device = pipe.transformer.device
+    device = transformer_device(pipe)
     gen = torch.Generator(device).manual_seed(int(seed))
     x0 = encode_image(model, img, gen, posterior).to(device, pipe.transformer.dtype)
     from diffusers.utils.torch_utils import randn_tensor
@@ -223,7 +223,7 @@ def trajectory_t_values(model: Any, generation: GenerationConfig, prompt: str = 
     adapter = model_adapter(model)
     gen = resolve(generation, model, adapter)
     pipe = _pipe(model)
-    kw = pipeline_kwargs(gen, [prompt], 0, pipe.transformer.device)
+    kw = pipeline_kwargs(gen, [prompt], 0, transformer_device(pipe))
     per_step = adapter.calls_per_step(pipe, kw)
     out: list[float] = []
     with model.generate([prompt], output_type="latent", **kw) as tracer:
@@ -292,7 +292,7 @@ def real_image_activations(
     n = len(noised.t_values)
     # The pipeline feeds t_scheduler / 1000 with t_scheduler = sigma * 1000; mirror that rounding.
     t_feed = (torch.tensor(noised.t_values, dtype=torch.float32) * 1000).to(noised.noisy.dtype) / 1000
-    kw = {k: v for k, v in pipeline_kwargs(gen, [caption], 0, pipe.transformer.device).items()
+    kw = {k: v for k, v in pipeline_kwargs(gen, [caption], 0, transformer_device(pipe)).items()
           if k not in ("generator", "num_inference_steps")}
     parts = []
     for a in range(0, n, gen.batch_size):  # generation.batch_size noise levels per call
@@ -313,7 +313,7 @@ def _run_at_t(
     if latents.shape[1] != n_img:
         raise MassactError(f"latents have {latents.shape[1]} tokens; the pipeline expects {n_img}")
     layout = {f"{bl.attr}.": bl.layout for bl in adapter.blocks}
-    dev = pipe.transformer.device
+    dev = transformer_device(pipe)
     idx = {m: torch.as_tensor(c, dtype=torch.long, device=dev) for m, c in channels.items()}
     got: dict[str, torch.Tensor] = {}
     with model.trace(captions, latents=latents, num_inference_steps=1, output_type="latent", **kw):

@@ -1,0 +1,71 @@
+"""Loading helpers: the transformer's device and the run metadata's model name."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from massact_nn.tracing.model import load_model, model_name, toy_path, transformer_device
+
+
+def test_device_is_diffusers_answer_before_and_after_a_pipeline_call(tiny_flux):
+    tr = tiny_flux.pipeline.transformer
+    assert transformer_device(tiny_flux) == tr.device == torch.device("cpu")
+    tiny_flux.pipeline("a", num_inference_steps=1, height=32, width=32, max_sequence_length=8,
+                       output_type="latent")
+    # A call leaves an empty hook registry on the transformer: still the fast answer.
+    assert "_diffusers_hook" in vars(tr)
+    assert transformer_device(tiny_flux) == tr.device
+
+
+@pytest.fixture
+def sentinel_device(monkeypatch, tiny_flux):
+    """diffusers' ``device`` property made to answer ``meta``, to see who answered."""
+    cls = type(tiny_flux.pipeline.transformer)
+    monkeypatch.setattr(cls, "device", property(lambda self: torch.device("meta")))
+    return tiny_flux
+
+
+def test_device_without_hooks_is_the_first_parameters(sentinel_device):
+    assert transformer_device(sentinel_device) == torch.device("cpu")
+
+
+def test_device_with_any_diffusers_hook_is_asked_of_diffusers(sentinel_device):
+    tr = sentinel_device.pipeline.transformer
+    registry = HookRegistry.check_if_exists_or_initialize(tr)
+    registry.register_hook(ModelHook(), "some_hook")
+    try:
+        # Group offloading's onload device is known only to its hook: diffusers must answer.
+        assert transformer_device(sentinel_device) == torch.device("meta")
+    finally:
+        registry.remove_hook("some_hook")
+    assert transformer_device(sentinel_device) == torch.device("cpu")
+
+
+def test_device_under_real_group_offloading_matches_diffusers(tiny_flux_dir):
+    from diffusers.hooks import apply_group_offloading
+
+    model = load_model(tiny_flux_dir)
+    tr = model.pipeline.transformer
+    apply_group_offloading(tr, onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1)
+    assert vars(tr)["_diffusers_hook"].hooks  # the hook sits on the module it was given
+    assert transformer_device(model) == tr.device
+
+
+def test_model_name_is_toy_for_the_toy_folder_by_any_spelling(tmp_path):
+    class Pipe:
+        config: dict = {}
+
+        def __init__(self, name):
+            self.name_or_path = name
+
+    assert model_name(Pipe(str(toy_path()))) == "toy"
+    assert model_name(Pipe(str(toy_path()) + "/")) == "toy"
+    assert model_name(Pipe(str(toy_path() / "transformer" / ".."))) == "toy"
+    copy = tmp_path / "toy"
+    shutil.copytree(toy_path() / "transformer", copy / "transformer")
+    assert model_name(Pipe(str(copy))) == str(copy)
+    assert model_name(Pipe("org/name")) == "org/name"

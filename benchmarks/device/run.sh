@@ -1,0 +1,29 @@
+#!/bin/bash
+# The benchmark suite on a lent accelerator machine, offline; results in $OUT (gpu.log, JSON).
+#
+# Installs the wheels of benchmarks/device/wheels.sh into a private folder (not over the
+# machine's torch), copies the library beside them, then: operator counts with torch's own
+# synchronisation reports (seconds), the timing table at 1,024 and 4,096 tokens, and peak
+# memory at 4,096. About 5 minutes on an H100/H200.
+#
+#   bash benchmarks/device/run.sh [WHEELS]    # default .whl
+set -o pipefail
+wheels="${1:-.whl}"
+site=/tmp/massact-site
+out="${OUT:-/tmp/massact-out}"
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$site" "$wheels"/*.whl || exit 3
+mkdir -p "$site/massact_nn"
+cp -r massact_nn/. "$site/massact_nn/" && cp -r tracing "$site/massact_nn/tracing" \
+    && cp -r viz "$site/massact_nn/viz"
+export PYTHONPATH="$site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+log="$out/gpu.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log"
+quiet() { grep -v -E "Loading|Writing model|torchvision"; }
+wide=(--device cuda --dtype bfloat16 --width 3072 --blocks 2 4)
+python3 benchmarks/run.py --ops "${wide[@]}" --tokens 1024 --json "$out/gpu_ops.json" 2>&1 | quiet | tee -a "$log"
+python3 benchmarks/run.py "${wide[@]}" --tokens 1024 4096 --reps 7 --no-memory \
+    --json "$out/gpu_time.json" 2>&1 | quiet | tee -a "$log"
+python3 benchmarks/run.py "${wide[@]}" --tokens 4096 --reps 3 --cases plain plain_images stats \
+    naive_save_all plain_pair transport_batched_2row --json "$out/gpu_mem.json" 2>&1 | quiet | tee -a "$log"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ._io import atomic_write
 from .errors import MassactError
@@ -35,13 +35,37 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0)), mode="RGB")
 
 
+#: PIL modes of 16/32-bit integer pixels: 16-bit PNGs open as one of these.
+_WIDE = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as a viewer shows it, at 8 bits per channel.
+
+    The EXIF orientation is applied (a phone photo stored sideways is turned upright, as
+    ``diffusers.utils.load_image`` does), and 16-bit pixels are scaled to 8 bits: PIL's own
+    ``convert`` clips them at 255, which turns a 16-bit greyscale image almost all white.
+
+    Raises:
+        MassactError: for 32-bit float pixels, whose full scale is unknown.
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _WIDE:
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        raise MassactError("image has 32-bit float pixels (PIL mode 'F'), whose full scale is unknown; "
+                           "accepted: 8- or 16-bit images, or a tensor")
+    return img
+
+
 def from_pil(img: Image.Image) -> torch.Tensor:
     """A PIL image to a float RGB tensor.
 
     Shapes:
         -> [3, H, W] in [0, 1].
     """
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    arr = np.asarray(upright(img).convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -55,7 +79,7 @@ def load_png(path: str | Path, size: tuple[int, int] | None = None) -> torch.Ten
     if not p.is_file():
         raise MassactError(f"image file {str(path)!r} does not exist; accepted: a PNG/JPEG path")
     with Image.open(p) as img:
-        img = img.convert("RGB")
+        img = upright(img).convert("RGB")
         if size is not None and (img.height, img.width) != tuple(size):
             img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
         return from_pil(img)
@@ -105,7 +129,7 @@ def mask_from_png(path: str | Path, grid_shape: tuple[int, int], threshold: floa
         raise MassactError(f"mask file {str(path)!r} does not exist; accepted: a PNG path")
     rows, cols = grid_shape
     with Image.open(p) as img:
-        g = img.convert("L").resize((cols, rows), Image.Resampling.BOX)
+        g = upright(img).convert("L").resize((cols, rows), Image.Resampling.BOX)
         arr = np.asarray(g, dtype=np.float32) / 255.0
     return torch.from_numpy(arr >= threshold)
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import MassactError
-from .images import upsample_mask
+from .images import upright, upsample_mask
 
 __all__ = [
     "border_tokens", "centre_blob", "check_complement", "check_mask_shape", "colour_mask",
@@ -157,7 +157,8 @@ def load_png_mask(path: str | Path, shape: tuple[int, int] | None = None) -> tor
     """Read a mask PNG: any pixel brighter than half of full scale is foreground.
 
     Args:
-        path: PNG file (greyscale, RGB or RGBA: the first channel is used).
+        path: PNG file (greyscale at 1, 8 or 16 bits, palette, RGB or RGBA: the first colour
+            channel is used).
         shape: Required ``(H, W)``, checked when given.
 
     Shapes:
@@ -171,10 +172,13 @@ def load_png_mask(path: str | Path, shape: tuple[int, int] | None = None) -> tor
     p = Path(path)
     if not p.is_file():
         raise MassactError(f"mask file {str(path)!r} does not exist; accepted: a PNG file")
-    arr = np.asarray(Image.open(p))
+    with Image.open(p) as img:
+        img = upright(img)
+        # A palette image's pixels are palette indices (0, 1, ...): read the colours they stand for.
+        arr = np.asarray(img.convert("RGB") if img.mode in ("P", "PA") else img)
     if arr.ndim == 3:
         arr = arr[..., 0]
-    full = 65535 if arr.dtype == np.uint16 else (1 if arr.dtype == bool else 255)
+    full = 1 if arr.dtype == bool else 255
     m = torch.from_numpy(arr.astype(np.float32) > full / 2)
     return check_mask_shape(m, shape, f"mask {p.name}") if shape is not None else m
 

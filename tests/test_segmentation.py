@@ -4,6 +4,7 @@ and plain-PyTorch hooks on diffusers' own pipelines."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -138,6 +139,75 @@ def test_pil_images_of_any_mode_are_taken_as_rgb(tiny_flux, world_image):
     assert torch.equal(image_tensor(tiny_flux, pal, 32, 32), as_rgb)
     grey = image_tensor(tiny_flux, rgb.convert("L"), 32, 32)
     assert grey.shape == want.shape and torch.equal(grey[:, 0], grey[:, 1])
+
+
+def test_16_bit_greyscale_images_keep_their_tones(tiny_flux, tmp_path):
+    from massact_nn.tracing.probes.real_image import image_tensor, load_image
+    from PIL import Image
+
+    ramp16 = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    ramp8 = np.rint(ramp16 / 257.0).astype(np.uint8)
+    Image.fromarray(ramp16).save(tmp_path / "g16.png")
+    for mode_of_file in (load_image(tmp_path / "g16.png"), Image.open(tmp_path / "g16.png")):
+        got = image_tensor(tiny_flux, mode_of_file, 32, 32)
+        want = image_tensor(tiny_flux, Image.fromarray(ramp8, "L"), 32, 32)
+        assert torch.equal(got, want)  # PIL's own convert("RGB") would clip it to white
+        assert abs(float(got.mean())) < 0.01
+
+
+def test_photos_load_upright_by_their_exif_orientation(tiny_flux, tmp_path):
+    from massact_nn.tracing.probes.real_image import load_image
+    from PIL import Image
+
+    from massact_nn.images import load_png, mask_from_png
+    from massact_nn.masks import load_png_mask
+
+    # Stored 48 wide x 32 high, white on the left; Orientation 6 = shown rotated 90° clockwise:
+    # 32 wide x 48 high, white on top.
+    arr = np.zeros((32, 48), np.uint8)
+    arr[:, :24] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).convert("RGB").save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    assert load_image(tmp_path / "phone.jpg").size == (32, 48)
+    assert load_png(tmp_path / "phone.jpg").shape == (3, 48, 32)
+    mask = load_png_mask(tmp_path / "phone.jpg")
+    assert mask.shape == (48, 32) and mask[:20].all() and not mask[28:].any()
+    assert mask_from_png(tmp_path / "phone.jpg", (6, 4)).tolist() == [[True] * 4] * 3 + [[False] * 4] * 3
+
+
+def test_palette_and_16_bit_masks_read_their_colours(tmp_path):
+    from PIL import Image
+
+    from massact_nn.masks import load_png_mask
+
+    want = np.zeros((32, 32), bool)
+    want[8:20, 4:12] = True
+    pal = Image.fromarray(want.astype(np.uint8), "P")  # pixels are palette indices 0 and 1
+    pal.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    pal.save(tmp_path / "pal.png")
+    Image.fromarray(want.astype(np.uint16) * 65535).save(tmp_path / "m16.png")
+    Image.fromarray(want.astype(np.uint16) * 200).save(tmp_path / "dark16.png")  # 200 of 65535: dark
+    assert np.array_equal(load_png_mask(tmp_path / "pal.png").numpy(), want)
+    assert np.array_equal(load_png_mask(tmp_path / "m16.png").numpy(), want)
+    assert not load_png_mask(tmp_path / "dark16.png").any()
+
+
+def test_bad_image_tensors_and_noise_levels_are_refused(tiny_flux, world_image):
+    from massact_nn.tracing.probes.real_image import image_tensor
+
+    img, _, _ = world_image
+    with pytest.raises(MassactError, match=r"dtype uint8 .*accepted: a float tensor in \[-1, 1\]"):
+        image_tensor(tiny_flux, ((img + 1) * 127.5).to(torch.uint8), 32, 32)
+    with pytest.raises(MassactError, match=r"span \[0, 255\]; accepted: \[-1, 1\]"):
+        image_tensor(tiny_flux, torch.linspace(0, 255, 3 * 32 * 32).reshape(1, 3, 32, 32), 32, 32)
+    with pytest.raises(MassactError, match=r"shape \(32, 32, 3\); accepted"):
+        image_tensor(tiny_flux, img[0].permute(1, 2, 0), 32, 32)
+    for bad, needle in ((0.5, "t_values=0.5 is not a list"), (["x"], "t='x' is not a number"),
+                        ([1.002], "t=1.002 is out of range"), ([-0.1], "t=-0.1 is out of range"),
+                        ([], "no noise levels")):
+        with pytest.raises(MassactError, match=re.escape(needle)):
+            noised_image(tiny_flux, img, bad, 32, 32)
 
 
 def _input_hooks(tr, store):

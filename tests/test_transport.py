@@ -379,15 +379,19 @@ def test_full_transport_identity_on_the_toy():
     assert torch.equal(none.result, none.target)
 
 
-def test_image_source_at_step_zero_shares_the_targets_noise(tiny_flux, every_channel):
+@pytest.mark.parametrize("posterior", ["mode", "sample"])
+def test_image_source_at_step_zero_shares_the_targets_noise(tiny_flux, every_channel, posterior):
     # At the first step t = 1 the noised real image is pure noise, drawn with the pair's seed: the
     # very noise the target starts from. With the target's own prompt as caption the source's
     # activations at step 0 are then the target's, so transporting all of them changes nothing.
+    # A sampled posterior must not take the noise's place as the generator's first draw.
     img = torch.rand(1, 3, 32, 32) * 2 - 1
     g = GenerationConfig(steps=3, seed=4, height=32, width=32)
     cfg = TransportConfig(generation=g, mode="two_pass", channels=every_channel, steps="0", progress=False)
-    same = transport(tiny_flux, ImageSource(img, TGT[0]), TGT[:1], None, cfg)
+    same = transport(tiny_flux, ImageSource(img, TGT[0], posterior=posterior), TGT[:1], None, cfg)
     assert torch.equal(same.result, same.target)
+    if posterior == "sample":
+        return
     other = transport(tiny_flux, ImageSource(img, SRC[0]), TGT[:1], None, cfg)
     assert (other.result - other.target).abs().max() > 1e-5
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from massact_nn.errors import MassactError, choice_error
+from massact_nn.images import upright
 from massact_nn.sites import Site, resolve_sites
 
 from ..adapters import read_image
@@ -66,7 +67,8 @@ def load_image(path: str | Path) -> Any:
     if not p.is_file():
         raise MassactError(f"image file {str(path)!r} does not exist; accepted: a PNG or JPEG file")
     try:
-        return Image.open(p).convert("RGB")
+        with Image.open(p) as img:
+            return upright(img).convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise MassactError(f"image file {str(path)!r} cannot be read as an image ({e})") from None
 
@@ -85,15 +87,24 @@ def image_tensor(model: Any, image: Any, height: int, width: int) -> torch.Tenso
     if isinstance(image, (str, Path)):
         image = load_image(image)
     if isinstance(image, (torch.Tensor, np.ndarray)):
-        t = torch.as_tensor(image).float()
-        t = t[None] if t.ndim == 3 else t
+        given = torch.as_tensor(image)
+        t = given[None] if given.ndim == 3 else given
         if t.ndim != 4 or t.shape[1] != 3 or tuple(t.shape[2:]) != (height, width):
             raise MassactError(
-                f"image has shape {tuple(t.shape)}; accepted: [B, 3, {height}, {width}] in [-1, 1]"
+                f"image has shape {tuple(given.shape)}; accepted: [3, {height}, {width}] or "
+                f"[B, 3, {height}, {width}] in [-1, 1]"
             )
+        if not t.is_floating_point():
+            raise MassactError(f"image tensor has dtype {str(given.dtype).replace('torch.', '')} "
+                               "(0..255 pixels?); accepted: a float tensor in [-1, 1], or a PIL image")
+        t = t.float()
+        lo, hi = float(t.min()), float(t.max())
+        if not (-1.0 - 1e-3 <= lo and hi <= 1.0 + 1e-3):  # NaN fails too
+            raise MassactError(f"image tensor values span [{lo:g}, {hi:g}]; accepted: [-1, 1] "
+                               "(map [0, 1] images with 2 * x - 1)")
         return t
     if hasattr(image, "convert"):  # PIL: RGBA, grey or palette images have no 3 channels yet
-        image = image.convert("RGB")
+        image = upright(image).convert("RGB")
     return pipe.image_processor.preprocess(image, height=height, width=width)
 
 
@@ -111,11 +122,19 @@ def encode_image(
     Shapes:
         image: [B, 3, H, W] -> [B, latent_channels, H / f, W / f].
     """
+    return _from_posterior(model, _posterior_of(model, image), generator, posterior)
+
+
+def _posterior_of(model: Any, image: torch.Tensor) -> Any:
+    vae = _pipe(model).vae
+    with torch.no_grad():
+        return vae.encode(image.to(vae.device, vae.dtype)).latent_dist
+
+
+def _from_posterior(model: Any, dist: Any, generator: torch.Generator | None, posterior: str) -> torch.Tensor:
     if posterior not in POSTERIOR:
         raise choice_error("posterior", posterior, POSTERIOR)
     vae = _pipe(model).vae
-    with torch.no_grad():
-        dist = vae.encode(image.to(vae.device, vae.dtype)).latent_dist
     z = dist.mode() if posterior == "mode" else dist.sample(generator)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (z - shift) * vae.config.scaling_factor
@@ -170,6 +189,28 @@ def noise_to(x0: torch.Tensor, t: float | torch.Tensor, noise: torch.Tensor) -> 
     return sigma * noise + (1.0 - sigma) * x0
 
 
+def _t_list(t_values: Sequence[float]) -> list[float]:
+    """The noise levels as floats, checked before any cast to the model's dtype.
+
+    (In bf16, t = 1.002 would round to 1.0 and pass.)
+    """
+    if isinstance(t_values, (str, bytes)) or not hasattr(t_values, "__iter__"):
+        raise MassactError(f"t_values={t_values!r} is not a list; accepted: a list of t in [0, 1], "
+                           "e.g. [0.5]")
+    out = []
+    for t in t_values:
+        try:
+            f = float(t)
+        except (TypeError, ValueError):
+            raise MassactError(f"t={t!r} is not a number; accepted: 0 <= t <= 1") from None
+        if not 0.0 <= f <= 1.0:  # NaN fails too
+            raise MassactError(f"t={t!r} is out of range; accepted: 0 <= t <= 1")
+        out.append(f)
+    if not out:
+        raise MassactError("no noise levels given; accepted: one or more t in [0, 1]")
+    return out
+
+
 @dataclass
 class NoisedImage:
     """A real image's packed latents, clean and noised to each t.
@@ -189,26 +230,36 @@ class NoisedImage:
 
 def noised_image(
     model: Any, image: Any, t_values: Sequence[float], height: int, width: int,
-    seed: int = 0, posterior: str = "mode",
+    seed: int = 0, posterior: str = "mode", noise_first: bool = False,
 ) -> NoisedImage:
     """Encode one image and noise it to each t with the same seeded noise.
 
-    The generator (``torch.Generator(device).manual_seed(seed)``) first draws the posterior
-    sample (``posterior="sample"``) and then the noise, in img2img's order.
+    One generator, ``torch.Generator(device).manual_seed(seed)``, draws the posterior sample
+    (``posterior="sample"``) and the noise. By default the sample comes first, in img2img's
+    order. With ``noise_first`` the noise is the generator's first draw, so it is the noise a
+    generation with that seed starts from (image-conditioned transport shares it with the
+    target); the sample is drawn after it.
     """
+    ts = _t_list(t_values)
     pipe = _pipe(model)
     img = image_tensor(model, image, height, width)
     if img.shape[0] != 1:
         raise MassactError(f"got {img.shape[0]} images; accepted: one image per call")
     device = transformer_device(pipe)
+    dtype = pipe.transformer.dtype
     gen = torch.Generator(device).manual_seed(int(seed))
-    x0 = encode_image(model, img, gen, posterior).to(device, pipe.transformer.dtype)
     from diffusers.utils.torch_utils import randn_tensor
 
-    eps = randn_tensor(tuple(x0.shape), generator=gen, device=device, dtype=x0.dtype)
-    ts = [float(t) for t in t_values]
-    if not ts:
-        raise MassactError("no noise levels given; accepted: one or more t in [0, 1]")
+    def noise(shape: tuple[int, ...]) -> torch.Tensor:
+        return randn_tensor(shape, generator=gen, device=device, dtype=dtype)
+
+    if posterior not in POSTERIOR:
+        raise choice_error("posterior", posterior, POSTERIOR)
+    dist = _posterior_of(model, img)
+    eps = noise(tuple(dist.mode().shape)) if noise_first else None
+    x0 = _from_posterior(model, dist, gen, posterior).to(device, dtype)
+    if eps is None:
+        eps = noise(tuple(x0.shape))
     n = len(ts)
     xt = noise_to(x0.expand(n, *x0.shape[1:]), torch.tensor(ts), eps.expand(n, *eps.shape[1:]))
     return NoisedImage(pack(model, x0.expand(n, *x0.shape[1:])), pack(model, xt), ts, img)
@@ -261,6 +312,7 @@ def real_image_activations(
     generation: GenerationConfig | None = None,
     seed: int = 0,
     posterior: str = "mode",
+    noise_first: bool = False,
 ) -> RealActivations:
     """Run the transformer on a real image noised to each t, with its caption; read sites.
 
@@ -280,6 +332,8 @@ def real_image_activations(
             ``batch_size``: noise levels per transformer call.
         seed: Seed of the noise (and of the posterior sample).
         posterior: ``mode`` or ``sample`` (see :func:`encode_image`).
+        noise_first: Draw the noise before the posterior sample: the noise is then the one a
+            generation with ``seed`` starts from (see :func:`noised_image`).
     """
     if not isinstance(caption, str) or not caption.strip():
         raise MassactError("empty caption; accepted: a non-empty text")
@@ -288,7 +342,7 @@ def real_image_activations(
     gen = resolve(generation or GenerationConfig(steps=1), model, adapter)
     pipe = _pipe(model)
     chosen = resolve_sites(sites_of(model), sites)
-    noised = noised_image(model, image, t_values, gen.height, gen.width, seed, posterior)
+    noised = noised_image(model, image, t_values, gen.height, gen.width, seed, posterior, noise_first)
     n = len(noised.t_values)
     # The pipeline feeds t_scheduler / 1000 with t_scheduler = sigma * 1000; mirror that rounding.
     t_feed = (torch.tensor(noised.t_values, dtype=torch.float32) * 1000).to(noised.noisy.dtype) / 1000

@@ -231,7 +231,8 @@ def capture_real_image(
     """Pass 1 of image-conditioned transport: the real image's masked entries per call.
 
     For pair j the image is noised with seed ``seed + j`` (the noise the target of pair j starts
-    from) to each step's t, and the transformer is run on it with the caption.
+    from, drawn before any posterior sample) to each step's t, and the transformer is run on it
+    with the caption.
 
     Returns:
         ``(source images [n, 3, H, W] in [0, 1], stored entries keyed (call, module, pair),
@@ -253,7 +254,7 @@ def capture_real_image(
     for j in range(n):
         acts = real_image_activations(model, source.image, source.caption, t_values, sites=modules,
                                       channels=channels, generation=plan.gen, seed=plan.gen.seed + j,
-                                      posterior=source.posterior)
+                                      posterior=source.posterior, noise_first=True)
         image = acts.noised.image
         p_idx = p[j].flatten().nonzero().flatten()
         for call in plan.schedule:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -41,7 +42,13 @@ class Site:
         )
 
 
-def resolve_sites(sites: Sequence[Site], wanted: Sequence[str | int] | None) -> list[Site]:
+def _not_a_site(w: object, sites: Sequence[Site]) -> MassactError:
+    example = repr(sites[0].module) if sites else "..."
+    return MassactError(f"site {w!r} is neither a module path nor a layer index; accepted: module "
+                        f"paths (e.g. {example}) or layer indices 0..{len(sites) - 1}")
+
+
+def resolve_sites(sites: Sequence[Site], wanted: Sequence[str | int] | str | int | None) -> list[Site]:
     """Pick sites by module path or flat layer index; ``None`` means all.
 
     Raises:
@@ -50,7 +57,11 @@ def resolve_sites(sites: Sequence[Site], wanted: Sequence[str | int] | None) -> 
     """
     if wanted is None:
         return list(sites)
-    wanted = list(wanted)
+    # One site by itself is a selection of one (a bare string would otherwise be its characters).
+    try:
+        wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    except TypeError:  # an int, a numpy or 0-d torch integer
+        wanted = [wanted]
     if not wanted:
         raise MassactError("no sites selected (sites=[]); accepted: None for every site, or module "
                            "paths / layer indices")
@@ -58,7 +69,16 @@ def resolve_sites(sites: Sequence[Site], wanted: Sequence[str | int] | None) -> 
     by_layer = {s.layer: s for s in sites}
     out: list[Site] = []
     for w in wanted:
-        key: str | int = w
+        key: str | int
+        if isinstance(w, str):
+            key = w
+        elif isinstance(w, bool):  # True is not layer 1
+            raise _not_a_site(w, sites)
+        else:
+            try:
+                key = operator.index(w)  # numpy and torch integers are layer indices too
+            except TypeError:
+                raise _not_a_site(w, sites) from None
         if isinstance(w, str) and w.lstrip("-").isdigit():
             key = int(w)
         site = by_layer.get(key) if isinstance(key, int) else by_module.get(key)

@@ -157,6 +157,18 @@ def test_bad_inputs_are_named():
     assert resolve_sites(SITES, ["1", "blocks.0"]) == SITES
 
 
+def test_site_selections_of_one_and_of_numpy_or_torch_ints():
+    import numpy as np
+
+    one = [SITES[1]]
+    for wanted in ("blocks.1", 1, np.int64(1), torch.tensor(1), [np.int64(1)], torch.tensor([1])):
+        assert resolve_sites(SITES, wanted) == one, wanted  # "blocks.1" is not 8 characters
+    want = r"is neither a module path nor a layer index; accepted: module paths \(e\.g\. 'blocks\.0'\)"
+    for bad in ([True], True, [1.0], [None]):  # True is not layer 1
+        with pytest.raises(MassactError, match=want + r" or layer indices 0\.\.1"):
+            resolve_sites(SITES, bad)
+
+
 def test_load_missing_folder_is_clear(tmp_path):
     with pytest.raises(MassactError, match="no statistics in"):
         ChannelStats.load(tmp_path)

@@ -198,6 +198,25 @@ def test_no_sites_selected_is_a_clear_error(tiny_flux):
                 DisruptionConfig(generation=GEN, sites=(s for s in []), progress=False))
 
 
+def test_a_string_is_one_prompt_and_a_zero_batch_is_refused(tiny_flux):
+    from dataclasses import replace
+
+    from massact_nn.tracing.probes.disruption import DisruptionConfig, disrupt
+
+    one_step = replace(GEN, steps=1)
+    st = collect_stats(tiny_flux, "a red cat", StatsConfig(one_step, k=2, progress=False))
+    assert st.meta["prompts"] == ["a red cat"]  # not nine one-character prompts
+    listed = collect_stats(tiny_flux, ["a red cat"], StatsConfig(one_step, k=2, progress=False))
+    assert torch.equal(st.matrix(), listed.matrix())
+    d = disrupt(tiny_flux, "a red cat", st, DisruptionConfig(generation=one_step, k=[1], random_draws=1,
+                                                            judge=False, progress=False))
+    assert d.meta["prompts"] == ["a red cat"] and d.images["none"].shape[0] == 1
+    with pytest.raises(MassactError, match=r"prompt 1 is ''; accepted: non-empty strings"):
+        collect_stats(tiny_flux, ["a", ""], StatsConfig(one_step, progress=False))
+    with pytest.raises(MassactError, match=r"batch_size=0 is out of range; accepted: an integer >= 1"):
+        collect_stats(tiny_flux, "a", StatsConfig(replace(GEN, batch_size=0), progress=False))
+
+
 def test_a_subset_of_sites_keeps_layers_and_the_models_depth(tiny_flux):
     cfg = StatsConfig(GEN, k=2, sites=[0, "single_transformer_blocks.1"], progress=False)
     sub = collect_stats(tiny_flux, PROMPTS[:1], cfg)

@@ -63,7 +63,7 @@ def resolve(config: GenerationConfig, model: Any, adapter: Adapter) -> Generatio
     """Fill unset sizes from the model folder or pipeline defaults and check them.
 
     Raises:
-        MassactError: for steps < 1, or a height/width the model cannot take.
+        MassactError: for steps or batch_size < 1, or a height/width the model cannot take.
     """
     pipe = getattr(model, "pipeline", model)
     fd = folder_defaults(model)
@@ -73,6 +73,8 @@ def resolve(config: GenerationConfig, model: Any, adapter: Adapter) -> Generatio
         cfg.steps = cfg.steps or _call_default(pipe, "num_inference_steps", 4)
     if cfg.steps < 1:
         raise MassactError(f"steps={cfg.steps!r} is out of range; accepted: an integer >= 1")
+    if not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool) or cfg.batch_size < 1:
+        raise MassactError(f"batch_size={cfg.batch_size!r} is out of range; accepted: an integer >= 1")
     default_px = None
     if hasattr(pipe, "default_sample_size") and hasattr(pipe, "vae_scale_factor"):
         default_px = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
@@ -120,6 +122,23 @@ def n_image_tokens(pipe: Any, adapter: Adapter, height: int, width: int) -> int:
     """Image tokens per sample at this size."""
     rows, cols = adapter.grid(pipe, height, width)
     return rows * cols
+
+
+def as_prompts(prompts: str | Sequence[str]) -> list[str]:
+    """A list of prompts, checked: a string is one prompt (diffusers' convention).
+
+    A bare string is a ``Sequence[str]`` too; taken as such it would run one prompt per character.
+
+    Raises:
+        MassactError: for no prompts, or one that is not a non-empty string (naming it).
+    """
+    out = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not out:
+        raise MassactError("no prompts given; accepted: one or more --prompt or a --prompts-file")
+    for i, p in enumerate(out):
+        if not isinstance(p, str) or not p.strip():
+            raise MassactError(f"prompt {i} is {p!r}; accepted: non-empty strings")
+    return out
 
 
 #: Pipeline arguments that may hold one entry per prompt.

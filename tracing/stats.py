@@ -16,6 +16,7 @@ from massact_nn.stats import ChannelStats, StatsAccumulator
 from .adapters import read_image
 from .generation import (
     GenerationConfig,
+    as_prompts,
     batches,
     call_schedule,
     guidance_meta,
@@ -48,7 +49,9 @@ class StatsConfig:
     progress: bool = True
 
 
-def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None = None) -> ChannelStats:
+def collect_stats(
+    model: Any, prompts: str | Sequence[str], config: StatsConfig | None = None
+) -> ChannelStats:
     """Measure ``abs_mean``, ``mean_abs`` and ``max_abs`` per channel at every site.
 
     The reductions run inside the trace on the model's device, one site at a time, and only
@@ -56,18 +59,15 @@ def collect_stats(model: Any, prompts: Sequence[str], config: StatsConfig | None
 
     Args:
         model: An nnsight ``DiffusionModel`` (yours, or from :func:`load_model`).
-        prompts: Text prompts; prompt i is generated from seed ``seed + i``.
+        prompts: Text prompts (a string is one prompt); prompt i is generated from seed
+            ``seed + i``.
         config: What to measure.
 
     Returns:
         A :class:`ChannelStats` with the run's metadata.
     """
     config = config or StatsConfig()
-    prompts = list(prompts)
-    if not prompts:
-        raise MassactError("no prompts given; accepted: one or more --prompt or a --prompts-file")
-    if any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise MassactError("empty prompt given; accepted: non-empty strings")
+    prompts = as_prompts(prompts)
     adapter = model_adapter(model)
     pipe = model.pipeline
     gen = resolve(config.generation, model, adapter)

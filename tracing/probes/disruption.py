@@ -23,7 +23,7 @@ from massact_nn.stats import ChannelStats
 from massact_nn.transfer import move_packed
 
 from ..adapters import read_image, write_image
-from ..generation import GenerationConfig, batches
+from ..generation import GenerationConfig, as_prompts, batches
 from .common import (
     Plan,
     UserMetric,
@@ -155,14 +155,14 @@ def _set_names(ks: list[int], controls: Sequence[str], draws: int) -> list[tuple
 
 
 def disrupt(
-    model: Any, prompts: Sequence[str], stats: ChannelStats | str | Path,
+    model: Any, prompts: str | Sequence[str], stats: ChannelStats | str | Path,
     config: DisruptionConfig | None = None,
 ) -> DisruptionResult:
     """Generate ``prompts`` undisturbed and with each channel set disrupted; compare.
 
     Args:
         model: An nnsight ``DiffusionModel``.
-        prompts: Prompt i uses seed ``seed + i`` in every set.
+        prompts: Prompts (a string is one prompt); prompt i uses seed ``seed + i`` in every set.
         stats: A :class:`ChannelStats` or its run folder (channel sets and ``mean`` values).
         config: What to disrupt.
 
@@ -172,9 +172,7 @@ def disrupt(
         ``metrics["summary"]`` one row per (control, k) with random draws averaged.
     """
     config = config or DisruptionConfig()
-    prompts = list(prompts)
-    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise MassactError("no prompts (or an empty one) given; accepted: one or more non-empty prompts")
+    prompts = as_prompts(prompts)
     if config.mode not in MODES:
         raise choice_error("disruption mode", config.mode, MODES)
     for c in config.controls:

@@ -27,12 +27,14 @@ LLM_FILE = "llm.json"
 
 
 class PositionAccumulator:
-    """Per (prompt, layer): the ``n_top`` largest |h| entries and the median |h| of the layer.
+    """Per (prompt, layer): the largest |h| entries and the median |h| of the layer.
 
     Args:
         sites: The layers measured.
-        n_top: Largest entries kept per prompt and layer (Sun et al. plot top-1, 2, 3).
-        keep: Largest entries over all prompts kept per layer in the result.
+        n_top: How many of the largest |h| per prompt and layer are summarised as ``top_abs``
+            (Sun et al. plot top-1, 2, 3).
+        keep: Largest entries over all prompts kept per layer in the result (exact: each
+            prompt contributes its ``max(n_top, keep)`` largest).
     """
 
     def __init__(self, sites: Sequence[Site], n_top: int = 3, keep: int = 10) -> None:
@@ -65,8 +67,12 @@ class PositionAccumulator:
                 f"site {module}: expected hidden states [tokens, channels], got {tuple(h.shape)}"
             )
         a = h.detach().abs().float().flatten()
-        n = min(self.n_top, a.numel())
-        _, flat = torch.topk(a, n)
+        # Enough per prompt for the `keep` largest over all prompts to be among them. A stable
+        # sort, not topk: in bf16 a massive value often repeats exactly across tokens, and topk
+        # picks among ties in no defined order; ties here go to the earlier token (lower
+        # flat index), so which token holds the top entry is reproducible.
+        n = min(max(self.n_top, self.keep), a.numel())
+        flat = torch.sort(a, descending=True, stable=True).indices[:n]
         # Signed values: Sun et al. report the sign too (massive activations are often negative).
         vals = h.detach().float().flatten()[flat]
         # Kept on the model's device until result(): a read-back here would stall a GPU per layer.
@@ -96,7 +102,8 @@ class PositionAccumulator:
         top1_index: Counter = Counter()
         top1_channel: Counter = Counter()
         for i, (p, vals, flat, med) in enumerate(rows):
-            tops[i, : vals.numel()] = vals.abs()
+            j = min(self.n_top, vals.numel())
+            tops[i, :j] = vals[:j].abs()
             toks = self.tokens.get(p, [])
             for j, (v, f) in enumerate(zip(vals.tolist(), flat.tolist())):
                 t, ch = divmod(int(f), c)
@@ -110,6 +117,7 @@ class PositionAccumulator:
                     top1_text[e["token_text"]] += 1
                     top1_index[str(t)] += 1
                     top1_channel[str(ch)] += 1
+        # Stable: equal values keep prompt order, then token order within a prompt.
         entries.sort(key=lambda e: -abs(e["value"]))
         ratios = torch.tensor([_ratio(float(t), float(m)) for t, m in zip(tops[:, 0], meds)])
         return {

@@ -88,8 +88,8 @@ def assert_matches_hooks(result: LLMStats, ref: dict, rel: float = 1e-5) -> None
         # top_abs: the j-th largest |h| of each prompt, averaged over prompts.
         want = torch.stack([torch.nn.functional.pad(v, (0, n_top - v.numel())) for v in per_prompt]).mean(0)
         torch.testing.assert_close(torch.tensor(layer["top_abs"]), want, rtol=1e-4, atol=1e-6)
-        # The kept entries: the `keep` largest of all prompts' top-n_top, largest first.
-        pooled = torch.cat(per_prompt).sort(descending=True).values[:keep]
+        # The kept entries: the `keep` largest of all prompts' entries, largest first.
+        pooled = torch.cat([v.float() for v in r["sorted_abs"]]).sort(descending=True).values[:keep]
         got = torch.tensor([abs(e["value"]) for e in layer["top"]])
         torch.testing.assert_close(got, pooled, rtol=1e-4, atol=1e-6)
         for e in layer["top"]:
@@ -295,3 +295,108 @@ def test_a_prompt_longer_than_the_model_takes_is_truncated_to_its_positions(name
     limit = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
     res = collect_llm_stats(llm, ["the red cat sat on the mat " * 40], LLMStatsConfig(progress=False))
     assert len(res.positions.tokens[0]) == limit < 512
+
+
+# -- inputs and structures that must not pass silently ------------------------------------------
+
+def test_a_string_is_one_prompt_not_one_per_character():
+    llm = wrap(*tiny_model("gpt2-tiny", seed=0), "g")
+    one = collect_llm_stats(llm, "a red cat", LLMStatsConfig(progress=False))
+    listed = collect_llm_stats(llm, ["a red cat"], LLMStatsConfig(progress=False))
+    assert one.channels.meta["prompts"] == ["a red cat"]
+    for key, x in listed.channels.tensors.items():
+        assert torch.equal(one.channels.tensors[key], x), key
+    with pytest.raises(MassactError, match=r"prompt 1 is ' '; accepted: non-empty strings"):
+        collect_llm_stats(llm, ["a", " "], LLMStatsConfig(progress=False))
+
+
+def test_encoder_decoder_and_non_base_children_are_refused():
+    from transformers import BartConfig, BartModel, LlamaConfig, LlamaModel
+
+    bart = BartModel(BartConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                vocab_size=40, max_position_embeddings=32))
+    with pytest.raises(MassactError, match="'BartModel': an encoder-decoder; supported families"):
+        family_of(bart)  # its encoder.layers used to pass as a Llama layer list, decoder unmeasured
+
+    class Holder(torch.nn.Module):  # a Llama under a child that is not a base model
+        def __init__(self):
+            super().__init__()
+            self.extra = LlamaModel(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                num_attention_heads=2, vocab_size=40))
+
+    with pytest.raises(MassactError, match="unsupported model structure 'Holder'"):
+        family_of(Holder())
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tmp_path):
+    model, _ = tiny_model("bert-tiny")
+    model.save_pretrained(tmp_path / "m")  # weights and config only
+    with pytest.raises(MassactError, match="has no tokenizer files"):
+        load_llm(tmp_path / "m")  # transformers would build an empty one: every word [UNK]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(MassactError, match=r"cannot read .*config.json"):
+        load_llm(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("device, needle", [("banana", "device='banana' is not a device; accepted: cpu"),
+                                            ("mps", "device='mps' is not available here; accepted: cpu")])
+def test_an_unusable_device_is_one_clear_error(device, needle, tiny_flux_dir):
+    from massact_nn.tracing.model import load_model
+
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has an mps device")
+    with pytest.raises(MassactError, match=needle):
+        load_llm("gpt2-tiny", device=device)
+    with pytest.raises(MassactError, match=needle):
+        load_model(tiny_flux_dir, device=device)
+
+
+def test_the_kept_entries_are_the_largest_over_all_prompts_with_ties_to_the_earlier_token():
+    site = Site(0, "l.0", 4, ("residual",), "decoder")
+    acc = PositionAccumulator([site], n_top=1, keep=5)
+    a = torch.tensor([[9.0, 8.0, 7.0, 6.0], [0.1, 0.1, 0.1, 0.1]])  # prompt 0: four big entries
+    b = torch.tensor([[0.1, 5.0, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1]])
+    for p, h in enumerate((a, b)):
+        acc.set_tokens(p, ["x", "y"])
+        acc.add("l.0", p, h)
+    layer = acc.result().layer("l.0")
+    # keep=5 over both prompts: all four of prompt 0, then prompt 1's 5.0 (n_top=1 must not cut it).
+    assert [e["value"] for e in layer["top"]] == [9.0, 8.0, 7.0, 6.0, 5.0]
+    assert layer["top_abs"] == [pytest.approx(7.0)]  # n_top still summarises the top-1 only
+    tied = PositionAccumulator([site], n_top=3, keep=3)
+    h = torch.zeros(5, 4, dtype=torch.bfloat16)
+    h[:, 2] = 300.0  # one channel, the same value at every token (bf16 makes such ties common)
+    tied.set_tokens(0, list("abcde"))
+    tied.add("l.0", 0, h)
+    top = tied.result().layer("l.0")
+    assert [(e["token"], e["channel"]) for e in top["top"]] == [(0, 2), (1, 2), (2, 2)]
+    assert top["top1_token_index"] == {"0": 1}
+
+
+def test_max_length_is_applied_and_recorded_as_used():
+    bert = load_llm("bert-tiny")  # its tokenizer adds [CLS] and [SEP]
+    with pytest.raises(MassactError, match=r"max_length=2 leaves no room for text.*accepted: an integer > 2"):
+        collect_llm_stats(bert, ["the red cat"], LLMStatsConfig(max_length=2, progress=False))
+    with pytest.raises(MassactError, match=r"max_length=2.5 is out of range"):
+        collect_llm_stats(bert, ["the red cat"], LLMStatsConfig(max_length=2.5, progress=False))
+    res = collect_llm_stats(bert, ["the red cat sat on the mat " * 40], LLMStatsConfig(progress=False))
+    limit = bert.model._module.config.max_position_embeddings
+    assert res.channels.meta["max_length"] == limit == len(res.positions.tokens[0])
+    assert res.channels.meta["max_length_requested"] == 512
+
+
+def test_roberta_positions_start_after_the_padding_index():
+    import transformers as T
+    from massact_nn.tracing.llm.tiny import word_tokenizer
+
+    tok = word_tokenizer("bert")
+    tok.model_max_length = int(1e30)  # no limit from the tokenizer: the position table decides
+    cfg = T.RobertaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          max_position_embeddings=40, vocab_size=200, pad_token_id=tok.pad_token_id)
+    model = T.RobertaModel(cfg, add_pooling_layer=False).eval()
+    res = collect_llm_stats(wrap(model, tok), ["the red cat sat on the mat " * 20],
+                            LLMStatsConfig(progress=False))
+    # Positions run padding_idx + 1 .. max_position_embeddings - 1.
+    assert len(res.positions.tokens[0]) == 40 - tok.pad_token_id - 1

@@ -67,6 +67,28 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, checked to exist and be usable here.
+
+    Raises:
+        MassactError: naming the device and the ones this machine has.
+    """
+    here = ["cpu"]
+    if torch.cuda.is_available():
+        here += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MassactError(f"device={device!r} is not a device; accepted: {', '.join(here)}") from None
+    if dev.type == "cpu" or (dev.type == "cuda" and str(dev) in here):
+        return dev
+    backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if dev.type != "cuda" and callable(available) and available():  # mps, xpu, ...
+        return dev
+    raise MassactError(f"device={device!r} is not available here; accepted: {', '.join(here)}")
+
+
 def load_model(
     spec: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32"
 ) -> DiffusionModel:
@@ -78,8 +100,7 @@ def load_model(
         dtype: Weights dtype (statistics are float32 regardless).
     """
     path = resolve_model(spec)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MassactError(f"device={device!r} is not available here; accepted: cpu")
+    check_device(device)
     td = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     _check_transformer_class(path)
     model = DiffusionModel(path, dispatch=True, dtype=td)

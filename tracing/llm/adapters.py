@@ -86,14 +86,29 @@ def _unwrap(model: Any) -> torch.nn.Module:
 def family_of(model: Any) -> tuple[LLMFamily, str]:
     """The family of a transformers model and the full path of its layer list.
 
-    The layer list is looked up on the model itself first, then under each direct child (the
-    base-model attribute of ``*ForCausalLM`` / ``*LMHeadModel`` / ``*ForMaskedLM`` wrappers).
+    The layer list is looked up on the model itself first, then under its base model (the
+    ``base_model_prefix`` attribute of ``*ForCausalLM`` / ``*LMHeadModel`` / ``*ForMaskedLM``
+    wrappers). Encoder-decoder models are refused.
 
     Raises:
         MassactError: naming the model class and listing the supported families.
     """
     m = _unwrap(model)
-    prefixes = [""] + [f"{name}." for name, _ in m.named_children()]
+    cfg = getattr(m, "config", None)
+    if getattr(cfg, "is_encoder_decoder", False):
+        # Their layers sit in an encoder and a decoder; measuring one of them would pass silently
+        # for the whole model.
+        raise MassactError(
+            f"unsupported model {type(m).__name__!r}: an encoder-decoder; "
+            f"supported families: {supported_families()}"
+        )
+    # The model itself, or the base model inside a task wrapper (``model.`` of LlamaForCausalLM,
+    # ``transformer.`` of GPT2LMHeadModel, ``bert.`` of BertForMaskedLM): transformers names it
+    # ``base_model_prefix``. Any other child (BART's ``encoder``) is not a supported layout.
+    prefixes = [""]
+    base = getattr(m, "base_model_prefix", None)
+    if isinstance(base, str) and base and isinstance(getattr(m, base, None), torch.nn.Module):
+        prefixes.append(f"{base}.")
     for fam in FAMILIES:
         for prefix in prefixes:
             layers = _get(m, prefix + fam.layers)

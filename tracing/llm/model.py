@@ -21,7 +21,7 @@ from nnsight import NNsight
 
 from massact_nn.errors import MassactError, choice_error
 
-from ..model import parse_dtype
+from ..model import check_device, parse_dtype
 from .adapters import LLMFamily, family_of
 from .tiny import TINY, tiny_model
 
@@ -101,11 +101,27 @@ def minilm_path() -> Path:
     return p
 
 
+#: Files a saved tokenizer leaves in its folder (any one of them is enough).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
 def _from_folder(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
     import transformers
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    cfg = json.loads((path / "config.json").read_text())
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MassactError(f"cannot read {str(path / 'config.json')!r}: {e}; accepted: a transformers "
+                           "model folder") from None
+    if not isinstance(cfg, dict):
+        raise MassactError(f"{str(path / 'config.json')!r} is not a JSON object; accepted: a "
+                           "transformers config.json")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from the config alone: every word [UNK].
+        raise MassactError(f"model folder {str(path)!r} has no tokenizer files (one of "
+                           f"{', '.join(TOKENIZER_FILES)}); accepted: a folder saved with its tokenizer")
     archs = cfg.get("architectures") or []
     # Keep the wrapper of causal LMs so sites read ``transformer.h.N`` / ``model.layers.N`` as in
     # the model's own checkpoint; encoders load as their base model (``encoder.layer.N``).
@@ -133,8 +149,7 @@ def load_llm(spec: str | Path, device: str = "cpu", dtype: str | torch.dtype = "
         MassactError: unknown name, missing folder, missing optional package, unsupported family.
     """
     s = str(spec)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MassactError(f"device={device!r} is not available here; accepted: cpu")
+    check_device(device)
     td = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     # Never reach for the Hub: every accepted model is local.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -20,6 +20,7 @@ from massact_nn.llm_stats import LLMStats, PositionAccumulator
 from massact_nn.sites import resolve_sites
 from massact_nn.stats import StatsAccumulator
 
+from ..generation import as_prompts
 from ..model import library_versions
 from .adapters import llm_sites, read_hidden
 from .model import LoadedLLM
@@ -52,28 +53,30 @@ def _device(module: torch.nn.Module) -> torch.device:
 
 
 def collect_llm_stats(
-    llm: LoadedLLM, prompts: Sequence[str], config: LLMStatsConfig | None = None
+    llm: LoadedLLM, prompts: str | Sequence[str], config: LLMStatsConfig | None = None
 ) -> LLMStats:
     """Measure per-channel statistics and the largest activations' positions at every layer.
 
     Args:
         llm: A model from :func:`load_llm` or :func:`wrap`.
-        prompts: Texts; each is tokenized alone (special tokens included, as the model expects).
+        prompts: Texts (a string is one text); each is tokenized alone (special tokens
+            included, as the model expects).
         config: What to measure.
 
     Returns:
         :class:`LLMStats` (channel statistics with steps = 1, plus token positions).
     """
     config = config or LLMStatsConfig()
-    prompts = list(prompts)
-    if not prompts:
-        raise MassactError("no prompts given; accepted: one or more --prompt or a --prompts-file")
-    if any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise MassactError("empty prompt given; accepted: non-empty strings")
-    if config.max_length < 1:
-        raise MassactError(f"max_length={config.max_length!r} is out of range; accepted: >= 1")
+    prompts = as_prompts(prompts)
+    if not isinstance(config.max_length, int) or isinstance(config.max_length, bool) or config.max_length < 1:
+        raise MassactError(f"max_length={config.max_length!r} is out of range; accepted: an integer >= 1")
     module = llm.model._module
     max_length = min(config.max_length, _positions(module, llm.tokenizer))
+    specials = _special_tokens(llm.tokenizer)
+    if max_length <= specials:
+        # The tokenizer would skip truncation (with a warning) and run the whole text.
+        raise MassactError(f"max_length={max_length} leaves no room for text: the tokenizer adds "
+                           f"{specials} special tokens; accepted: an integer > {specials}")
     sites = resolve_sites(llm_sites(module), config.sites)
     device = _device(module)
     acc = StatsAccumulator(sites, steps=1, k=config.k, device=device)
@@ -83,6 +86,9 @@ def collect_llm_stats(
     for i, prompt in enumerate(tqdm(prompts, desc="llm-stats", unit="prompt", disable=not config.progress)):
         enc = llm.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=max_length)
         ids = enc["input_ids"][0]
+        if ids.numel() > max_length:
+            raise MassactError(f"prompt {i} tokenized to {ids.numel()} tokens, over max_length="
+                               f"{max_length}: the tokenizer did not truncate it")
         mask = enc.get("attention_mask")
         real = mask[0].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         if not real.any():
@@ -111,11 +117,20 @@ def collect_llm_stats(
         "versions": library_versions(),
         "prompts": prompts,
         "tokens": n_tokens,
-        "max_length": config.max_length,
+        "max_length": max_length,  # what truncation used: the request, or the model's limit
+        "max_length_requested": config.max_length,
         "dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
         "device": str(device),
     }
     return LLMStats(channels=acc.result(meta), positions=pos.result())
+
+
+def _special_tokens(tokenizer: Any) -> int:
+    """How many special tokens the tokenizer adds to one text (0 when it cannot say)."""
+    try:
+        return int(tokenizer.num_special_tokens_to_add(pair=False))
+    except (AttributeError, TypeError, NotImplementedError):
+        return 0
 
 
 def _positions(module: Any, tokenizer: Any) -> int:
@@ -126,6 +141,11 @@ def _positions(module: Any, tokenizer: Any) -> int:
     """
     cfg = getattr(module, "config", None)
     limits = [getattr(cfg, name, None) for name in ("max_position_embeddings", "n_positions", "n_ctx")]
+    # RoBERTa-style embeddings number positions from padding_idx + 1: that many fewer fit.
+    base = getattr(module, "base_model", module)
+    table = getattr(getattr(base, "embeddings", None), "position_embeddings", None)
+    if isinstance(table, torch.nn.Embedding) and table.padding_idx is not None:
+        limits.append(table.num_embeddings - table.padding_idx - 1)
     model_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(model_max, int) and model_max < 1_000_000:  # transformers' "no limit" is ~1e30
         limits.append(model_max)

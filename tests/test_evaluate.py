@@ -14,6 +14,7 @@ from massact_nn.tracing.probes.evaluate import (
     EvaluationConfig,
     evaluate,
     save_evaluation,
+    to_markdown,
     transport_pairs,
     world_captions,
 )
@@ -113,3 +114,38 @@ def test_evaluate_writes_tables(tiny_flux, tmp_path):
     for got, want in zip(back["disruption"]["summary"], d.metrics["summary"], strict=True):
         assert (got["control"], got["k"]) == (want["control"], want["k"])
         assert got["mse"] == pytest.approx(want["mse"], rel=1e-5, abs=1e-12)
+
+
+def test_transport_random_controls_average_their_draws(tiny_flux, monkeypatch):
+    import massact_nn.tracing.probes.evaluate as E
+    from massact_nn.tracing.probes.common import channel_sets
+
+    st = collect_stats(tiny_flux, ["a red cat"], StatsConfig(GenerationConfig(steps=1, height=32, width=32),
+                                                             k=2, progress=False))
+    first = st.sites[0].module
+
+    class Ran:  # what the fake transport reports: a number that names the channels it was given
+        def __init__(self, chans):
+            v = float(sum(int(c) * 10 ** i for i, c in enumerate(chans[first])))
+            self.token_mask = None
+            self.metrics = {"token_fraction": 1.0, "to_source": {"all": v}, "to_target": {"all": -v,
+                            "outside": None}, "moved": {"shape": v}, "kept": None, "already": None}
+
+    class Disrupted:
+        metrics = {"summary": []}
+        meta = {"judge": False}
+
+    monkeypatch.setattr(E, "transport", lambda model, src, tgt, st, cfg: Ran(cfg.channels))
+    monkeypatch.setattr(E, "disrupt", lambda *a, **k: Disrupted())
+    cfg = EvaluationConfig(pairs=1, random_draws=3, num_steps=1, height=32, width=32, transport_ks=[2],
+                           transport_masks=("all",), segmentation=None, seed=5)
+    rows = {r["channels"]: r for r in evaluate(tiny_flux, st, cfg)["transport"]["rows"]}
+    assert {name: r["draws"] for name, r in rows.items()} == {"top-2": 1, "low-2": 1, "random-2": 3, "all": 1}
+    draws = [Ran(channel_sets(st, st.sites, "random", 2, seed=5 + d)).metrics for d in range(3)]
+    assert len({m["to_source"]["all"] for m in draws}) > 1, "the draws must differ"
+    mean = sum(m["to_source"]["all"] for m in draws) / 3
+    got = rows["random-2"]
+    assert got["mse_to_source"] == pytest.approx(mean) and got["mse_to_target"] == pytest.approx(-mean)
+    assert got["moved"] == {"shape": pytest.approx(mean)}
+    assert got["mse_to_target_outside"] is None and got["kept"] is None
+    assert "| all (1) | random-2 | 3 |" in to_markdown(evaluate(tiny_flux, st, cfg))

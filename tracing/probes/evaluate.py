@@ -37,7 +37,8 @@ class EvaluationConfig:
         ks: k values of the disruption sweep.
         prompts: Prompts per disruption set.
         pairs: Source/target pairs for transport.
-        random_draws: Random-k draws per k.
+        random_draws: Random-k draws per k (disruption, segmentation and transport; a transport
+            row averages its draws, seeds ``seed``, ``seed + 1``, ...).
         num_steps: Denoising steps (``None``: the model folder's default).
         height: Image height (``None``: the model folder's default).
         width: Image width (``None``: the model folder's default).
@@ -120,29 +121,48 @@ def evaluate(model: Any, stats: ChannelStats | str | Path, config: EvaluationCon
     named: dict = {}
     ks = list(config.transport_ks)
     runs = [(c, k) for k in ks for c in ("top", "low", "random")] + [("all", 0)]
-    bar = tqdm(total=len(config.transport_masks) * len(runs), desc="transport", unit="run")
+    draws = {"random": config.random_draws}
+    bar = tqdm(total=len(config.transport_masks) * sum(draws.get(c, 1) for c, _ in runs),
+               desc="transport", unit="run")
     for mask in config.transport_masks:
         for control, k in runs:
-            if control == "all":
-                chans = {s.module: torch.arange(s.channels) for s in st.sites}
-            else:
-                chans = channel_sets(st, st.sites, control, k, seed=config.seed)
-            spec = named.get(mask, mask)
-            cfg = TransportConfig(generation=gen, channels=chans, sites=config.sites, k=ks[0],
-                                  steps=config.transport_steps, token_mask=spec, judge=config.judge,
-                                  progress=False)
-            r = transport(model, src, tgt, st, cfg)
-            named[mask] = r.token_mask  # segment once per mask, reuse for the controls
-            bar.update(1)
-            m = r.metrics
+            found = []
+            for d in range(draws.get(control, 1)):  # random-k: draws with seeds seed, seed + 1, ...
+                if control == "all":
+                    chans = {s.module: torch.arange(s.channels) for s in st.sites}
+                else:
+                    chans = channel_sets(st, st.sites, control, k, seed=config.seed + d)
+                spec = named.get(mask, mask)
+                cfg = TransportConfig(generation=gen, channels=chans, sites=config.sites, k=ks[0],
+                                      steps=config.transport_steps, token_mask=spec,
+                                      judge=config.judge, progress=False)
+                r = transport(model, src, tgt, st, cfg)
+                named[mask] = r.token_mask  # segment once per mask, reuse for the controls
+                bar.update(1)
+                m = r.metrics
+                found.append({"mse_to_source": m["to_source"]["all"], "mse_to_target": m["to_target"]["all"],
+                              "mse_to_target_outside": m["to_target"]["outside"],
+                              "moved": m.get("moved"), "kept": m.get("kept")})
             rows.append({"mask": mask, "token_fraction": m["token_fraction"],
                          "channels": control if control == "all" else f"{control}-{k}",
-                         "mse_to_source": m["to_source"]["all"], "mse_to_target": m["to_target"]["all"],
-                         "mse_to_target_outside": m["to_target"]["outside"],
-                         "moved": m.get("moved"), "kept": m.get("kept"), "already": m.get("already")})
+                         "draws": len(found), **_mean_rows(found), "already": m.get("already")})
     bar.close()
     report["transport"] = {"pairs": list(zip(src, tgt)), "rows": rows}
     return report
+
+
+def _mean_rows(rows: list[dict]) -> dict:
+    """Field-wise means of metric rows (nested dicts too); ``None`` where any row has none."""
+    out: dict = {}
+    for key in rows[0]:
+        vals = [r[key] for r in rows]
+        if any(v is None for v in vals):
+            out[key] = None
+        elif isinstance(vals[0], dict):
+            out[key] = _mean_rows(vals)
+        else:
+            out[key] = sum(float(v) for v in vals) / len(vals)
+    return out
 
 
 def _segmentation(model: Any, stats: ChannelStats, gen: GenerationConfig, config: EvaluationConfig) -> dict:
@@ -187,19 +207,19 @@ def to_markdown(report: dict) -> str:
               "Token mask `all`: every image token; `union`: the segmentation probe's foreground "
               "masks of target and source, united. Moved = the judge reads the source's attribute "
               "on the result; kept = it reads the target's background colour.", "",
-              "| mask (token fraction) | channels | MSE to source | MSE to target | ... outside p "
+              "| mask (token fraction) | channels | draws | MSE to source | MSE to target | ... outside p "
               "| fg colour moved | shape moved | bg kept |",
-              "|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|"]
     rows = report["transport"]["rows"]
     masks = list(dict.fromkeys(r["mask"] for r in rows))
     for mask in masks:
         al = next((r.get("already") for r in rows if r["mask"] == mask), None)
         if al:  # the control without transport: the untouched target read against the source
-            lines.append(f"| {mask} | none (target as is) | – | 0 | 0 | {_fmt(al.get('fg_colour'))} | "
+            lines.append(f"| {mask} | none (target as is) | – | – | 0 | 0 | {_fmt(al.get('fg_colour'))} | "
                          f"{_fmt(al.get('shape'))} | 1 |")
     for r in rows:
         mv, kp = r.get("moved") or {}, r.get("kept") or {}
-        lines.append(f"| {r['mask']} ({_fmt(r['token_fraction'])}) | {r['channels']} | "
+        lines.append(f"| {r['mask']} ({_fmt(r['token_fraction'])}) | {r['channels']} | {r.get('draws', 1)} | "
                      f"{_fmt(r['mse_to_source'])} | {_fmt(r['mse_to_target'])} | "
                      f"{_fmt(r['mse_to_target_outside'])} | {_fmt(mv.get('fg_colour'))} | "
                      f"{_fmt(mv.get('shape'))} | {_fmt(kp.get('bg_colour'))} |")

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .errors import MassactError
 
 
 def _umask() -> int:
@@ -67,8 +70,16 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read every tensor of a safetensors file onto the CPU."""
-    return load_file(str(path))
+    """Read every tensor of a safetensors file onto the CPU.
+
+    Raises:
+        MassactError: naming the file, when it is missing or not a safetensors file.
+    """
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise MassactError(f"cannot read tensors from {str(path)!r} ({type(e).__name__}: {e}); "
+                           "accepted: a safetensors file written by massact-nn") from None
 
 
 def save_json(path: str | Path, obj: Any) -> None:
@@ -92,6 +103,14 @@ def save_run(folder: str | Path, tensors: dict[str, torch.Tensor], metrics: Any,
 
 
 def load_json(path: str | Path) -> Any:
-    """Read a JSON file."""
-    with open(path) as f:
-        return json.load(f)
+    """Read a JSON file.
+
+    Raises:
+        MassactError: naming the file, when it is missing, not UTF-8 or not JSON.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MassactError(f"cannot read {str(path)!r} ({type(e).__name__}: {e}); accepted: a JSON "
+                           "file written by massact-nn") from None

@@ -59,6 +59,17 @@ def upright(img: Image.Image) -> Image.Image:
     return img
 
 
+def open_image(path: Path, what: str = "image") -> Image.Image:
+    """``Image.open`` with one clear error for a file that is no image."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError) as e:
+        raise MassactError(f"{what} file {str(path)!r} cannot be read as an image ({e}); accepted: a "
+                           "PNG or JPEG file") from None
+
+
 def from_pil(img: Image.Image) -> torch.Tensor:
     """A PIL image to a float RGB tensor.
 
@@ -78,7 +89,7 @@ def load_png(path: str | Path, size: tuple[int, int] | None = None) -> torch.Ten
     p = Path(path)
     if not p.is_file():
         raise MassactError(f"image file {str(path)!r} does not exist; accepted: a PNG/JPEG path")
-    with Image.open(p) as img:
+    with open_image(p) as img:
         img = upright(img).convert("RGB")
         if size is not None and (img.height, img.width) != tuple(size):
             img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
@@ -128,7 +139,7 @@ def mask_from_png(path: str | Path, grid_shape: tuple[int, int], threshold: floa
     if not p.is_file():
         raise MassactError(f"mask file {str(path)!r} does not exist; accepted: a PNG path")
     rows, cols = grid_shape
-    with Image.open(p) as img:
+    with open_image(p, "mask") as img:
         g = upright(img).convert("L").resize((cols, rows), Image.Resampling.BOX)
         arr = np.asarray(g, dtype=np.float32) / 255.0
     return torch.from_numpy(arr >= threshold)

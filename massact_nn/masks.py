@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import MassactError
-from .images import upright, upsample_mask
+from .images import open_image, upright, upsample_mask
 
 __all__ = [
     "border_tokens", "centre_blob", "check_complement", "check_mask_shape", "colour_mask",
@@ -165,14 +165,12 @@ def load_png_mask(path: str | Path, shape: tuple[int, int] | None = None) -> tor
         -> [H, W] bool.
 
     Raises:
-        MassactError: for a missing file or a wrong shape.
+        MassactError: for a missing or unreadable file, or a wrong shape.
     """
-    from PIL import Image
-
     p = Path(path)
     if not p.is_file():
         raise MassactError(f"mask file {str(path)!r} does not exist; accepted: a PNG file")
-    with Image.open(p) as img:
+    with open_image(p, "mask") as img:
         img = upright(img)
         # A palette image's pixels are palette indices (0, 1, ...): read the colours they stand for.
         arr = np.asarray(img.convert("RGB") if img.mode in ("P", "PA") else img)

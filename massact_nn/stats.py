@@ -677,7 +677,11 @@ class ChannelStats:
         if [s.module for s in self.sites] != [s.module for s in other.sites]:
             raise MassactError("cannot merge statistics over different site lists")
         # Everything that changes what was measured must agree (not the prompts or their seeds).
-        for key in ("model", "steps", "k", "height", "width", "include_uncond", "guidance_scale",
+        # The guidance scale is compared as the pipeline used it where both runs recorded that
+        # (a scale FLUX.1-schnell ignores changed nothing).
+        scale = "guidance_scale_used" if all("guidance_scale_used" in m for m in (self.meta, other.meta)) \
+            else "guidance_scale"
+        for key in ("model", "steps", "k", "height", "width", "include_uncond", scale,
                     "calls_per_step", "dtype", "architecture"):
             if self.meta.get(key) != other.meta.get(key):
                 raise MassactError(
@@ -732,5 +736,18 @@ class ChannelStats:
                 f"(written by `massact stats --out DIR`)"
             )
         meta = load_json(folder / "stats.json")
-        sites = [Site.from_json(d) for d in meta.pop("sites")]
-        return cls(sites=sites, tensors=load_tensors(folder / "stats.safetensors"), meta=meta)
+        where = f"{str(folder / 'stats.json')!r}"
+        if not isinstance(meta, dict) or not isinstance(meta.get("sites"), list):
+            raise MassactError(f"{where} has no site list; accepted: a statistics run folder "
+                               "(massact stats --out DIR)")
+        try:
+            sites = [Site.from_json(d) for d in meta.pop("sites")]
+        except (KeyError, TypeError, ValueError) as e:
+            raise MassactError(f"{where} has a malformed site entry ({type(e).__name__}: {e})") from None
+        tensors = load_tensors(folder / "stats.safetensors")
+        missing = [f"{name}/{s.module}" for s in sites for name in ("abs_mean", "mean_abs", "max_abs")
+                   if f"{name}/{s.module}" not in tensors]
+        if missing:
+            raise MassactError(f"{str(folder / 'stats.safetensors')!r} lacks {', '.join(missing[:3])}"
+                               f"{' ...' if len(missing) > 3 else ''}; it does not belong to {where}")
+        return cls(sites=sites, tensors=tensors, meta=meta)

@@ -71,9 +71,10 @@ def test_planted_channel_is_selected_from_statistics(planted):
 def test_segmentation_recovers_the_planted_region(planted, world_image, source):
     model, stats = planted
     img, caption, _ = world_image
-    src = {"prompt": "a red cat"} if source == "prompt" else {"image": img, "caption": caption}
-    cfg = SegmentConfig(stats=stats, k=1, sites=[PLANT_SITE, "transformer_blocks.1"], steps="0:3",
-                        generation=GEN, **src)
+    # Steps belong to a generated trajectory; a real image is one call (steps are refused there).
+    src = ({"prompt": "a red cat", "steps": "0:3"} if source == "prompt"
+           else {"image": img, "caption": caption})
+    cfg = SegmentConfig(stats=stats, k=1, sites=[PLANT_SITE, "transformer_blocks.1"], generation=GEN, **src)
     inputs: list[torch.Tensor] = []  # what the transformer consumed at each call, by a plain hook
     hook = model.pipeline.transformer.register_forward_pre_hook(
         lambda mod, args, kwargs: inputs.append(kwargs["hidden_states"][0].detach().float().clone()),

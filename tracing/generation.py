@@ -75,6 +75,11 @@ def resolve(config: GenerationConfig, model: Any, adapter: Adapter) -> Generatio
         raise MassactError(f"steps={cfg.steps!r} is out of range; accepted: an integer >= 1")
     if not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool) or cfg.batch_size < 1:
         raise MassactError(f"batch_size={cfg.batch_size!r} is out of range; accepted: an integer >= 1")
+    for name in ("height", "width"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            # 0 would otherwise read as "unset" and silently become the model's default size.
+            raise MassactError(f"{name}={v!r} is out of range; accepted: a positive number of pixels")
     default_px = None
     if hasattr(pipe, "default_sample_size") and hasattr(pipe, "vae_scale_factor"):
         default_px = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
@@ -178,17 +183,20 @@ def pipeline_kwargs(
     return kw
 
 
-def guidance_meta(pipe: Any, kwargs: dict, calls_per_step: int, batched_cfg: bool) -> dict:
+def guidance_meta(pipe: Any, kwargs: dict, calls_per_step: int, batched_cfg: bool,
+                  adapter: Adapter | None = None) -> dict:
     """How guidance really ran, for a run's metadata.
 
-    The scales the pipeline used (its own defaults where the call left them out) and the
-    structure: ``none``, ``batched [uncond; cond]`` or ``two calls per step (cond, then uncond)``.
+    The scales the pipeline used (its own defaults where the call left them out; ``None`` for a
+    ``guidance_scale`` the pipeline ignores, per ``adapter.scale_ignored``) and the structure:
+    ``none``, ``batched [uncond; cond]`` or ``two calls per step (cond, then uncond)``.
     """
     if calls_per_step == 2:
         how = "two calls per step (cond, then uncond)"
     else:
         how = "batched [uncond; cond]" if batched_cfg else "none"
-    return {"guidance_scale_used": call_arg(pipe, kwargs, "guidance_scale"),
+    ignored = adapter is not None and adapter.scale_ignored(pipe, kwargs)
+    return {"guidance_scale_used": None if ignored else call_arg(pipe, kwargs, "guidance_scale"),
             "true_cfg_scale_used": call_arg(pipe, kwargs, "true_cfg_scale"), "guidance": how}
 
 

@@ -60,6 +60,16 @@ def resolve_model(spec: str | Path) -> str:
     )
 
 
+def hub_error(spec: str, e: Exception) -> MassactError:
+    """The one-line error for a ``--model`` that is no local folder and cannot be fetched."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return MassactError(
+        f"model {spec!r} is not a local folder, and as a Hub id it cannot be loaded ({first[:200]}); "
+        "accepted: a diffusers pipeline folder (check the path), a Hub id in the local cache or "
+        "reachable online, or 'toy'"
+    )
+
+
 def parse_dtype(name: str) -> torch.dtype:
     """``"float32" | "bfloat16" | "float16"`` to a torch dtype."""
     if name not in DTYPES:
@@ -103,7 +113,12 @@ def load_model(
     check_device(device)
     td = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     _check_transformer_class(path)
-    model = DiffusionModel(path, dispatch=True, dtype=td)
+    try:
+        model = DiffusionModel(path, dispatch=True, dtype=td)
+    except OSError as e:  # the Hub's and the offline cache's errors are OSErrors too
+        if Path(path).exists():
+            raise
+        raise hub_error(str(spec), e) from None
     model.pipeline.to(device)
     model.pipeline.set_progress_bar_config(disable=True)
     adapter_for(model.pipeline.transformer)

@@ -127,7 +127,7 @@ def collect_stats(
         "height": gen.height,
         "width": gen.width,
         "guidance_scale": gen.guidance_scale,
-        **guidance_meta(pipe, probe_kw, per_step, batched_cfg),
+        **guidance_meta(pipe, probe_kw, per_step, batched_cfg, adapter),
         "generation": gen.to_json(),
         "include_uncond": config.include_uncond,
         "calls_per_step": per_step,

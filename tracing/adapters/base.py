@@ -89,6 +89,9 @@ class Adapter:
         pipelines: Pipeline class names whose call structure (guidance, token layout) was verified;
             others are refused, since e.g. PAG, Sprint or Kontext variants change rows or tokens.
             Empty: not checked.
+        scale_ignored: Given the pipeline and the call's keyword arguments, whether the pipeline
+            ignores ``guidance_scale`` (FLUX.1-schnell has no guidance embedding), so that run
+            metadata does not report a scale that changed nothing.
     """
 
     name: str
@@ -100,6 +103,7 @@ class Adapter:
     call_defaults: dict = field(default_factory=dict)
     notes: str = ""
     pipelines: tuple[str, ...] = ()
+    scale_ignored: Callable[[Any, dict], bool] = lambda pipe, kw: False
 
     def _active(self, pipe: Any, kwargs: dict) -> bool:
         cls = type(pipe).__name__

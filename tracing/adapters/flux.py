@@ -29,4 +29,6 @@ ADAPTER = Adapter(
     grid=packed_grid,
     width=lambda cfg: cfg.num_attention_heads * cfg.attention_head_dim,
     notes="FLUX.1-dev/schnell; guidance-distilled (guidance_scale is an embedding, one call).",
+    # FluxPipeline feeds guidance_scale only to a transformer with guidance_embeds (dev, not schnell).
+    scale_ignored=lambda pipe, kw: not getattr(pipe.transformer.config, "guidance_embeds", False),
 )

@@ -54,7 +54,13 @@ def prompts_from(args: argparse.Namespace) -> list[str]:
         f = Path(args.prompts_file)
         if not f.is_file():
             raise MassactError(f"prompts file {args.prompts_file!r} does not exist")
-        lines = [ln.strip() for ln in f.read_text().splitlines()]
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise MassactError(f"prompts file {args.prompts_file!r} is not UTF-8 text (byte {e.start}: "
+                               f"{e.object[e.start:e.start + 1]!r}); accepted: a UTF-8 text file, one "
+                               "prompt per line") from None
+        lines = [ln.strip() for ln in text.splitlines()]
         prompts += [ln for ln in lines if ln and not ln.startswith("#")]
     if not prompts:
         raise MassactError("no prompts given; accepted: one or more --prompt or a --prompts-file")

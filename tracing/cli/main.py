@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from massact_nn.errors import MassactError
 
@@ -52,12 +53,42 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+#: Commands whose ``--out`` names a file; every other ``--out`` is a run folder.
+FILE_OUT = ("report",)
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` that cannot be written, before any work (not after a long run).
+
+    Raises:
+        MassactError: for a run folder that is an existing file, a report path that is a folder,
+            or a path under an existing file.
+    """
+    out = getattr(args, "out", None)
+    if not out:
+        return
+    p = Path(out).expanduser()
+    is_file = getattr(args, "command", None) in FILE_OUT
+    if is_file and p.is_dir():
+        raise MassactError(f"--out {out!r} is a folder; accepted: the path of the HTML file to write")
+    if not is_file and p.exists() and not p.is_dir():
+        raise MassactError(f"--out {out!r} is an existing file; accepted: a run folder (new, or one "
+                           "to overwrite)")
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MassactError(f"--out {out!r} lies under the file {str(parent)!r}; accepted: a "
+                                   "path whose parents are folders")
+            break
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``massact`` console script."""
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_out(args)
         code = args.func(args)
     except MassactError as e:
         print(f"massact: error: {e}", file=sys.stderr)

@@ -97,6 +97,24 @@ def _register_transport(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_transport)
 
 
+def _read_channels(path: str) -> dict[str, list[int]]:
+    """A ``{module: [channel ids]}`` JSON file, every id an integer (no "12", 1.7 or true)."""
+    accepted = "accepted: a JSON file {module: [channel ids]} with integer ids"
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MassactError(f"cannot read channels from {path!r} ({e}); {accepted}") from None
+    if not isinstance(raw, dict):
+        raise MassactError(f"channels file {path!r} holds a {type(raw).__name__}; {accepted}")
+    out = {}
+    for module, ids in raw.items():
+        if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise MassactError(f"channels file {path!r}: {module!r} has {ids!r}; {accepted}")
+        out[module] = ids
+    return out
+
+
 def run_transport(args: argparse.Namespace) -> int:
     """Run the transport probe and write its run folder."""
     from ..probes.transport import ImageSource, TransportConfig, save_transport, transport
@@ -116,12 +134,7 @@ def run_transport(args: argparse.Namespace) -> int:
                            "--source-caption TEXT")
     channels = None
     if args.channels:
-        try:
-            with open(args.channels) as f:
-                channels = {k: list(map(int, v)) for k, v in json.load(f).items()}
-        except (OSError, ValueError, AttributeError) as e:
-            raise MassactError(f"cannot read channels from {args.channels!r} ({e}); accepted: "
-                               "a JSON file {module: [channel ids]}") from None
+        channels = _read_channels(args.channels)
     elif args.stats is None:
         raise MassactError("no channel mask: pass --stats DIR (top-k per site) or --channels FILE")
     stats = None

@@ -32,8 +32,9 @@ def register_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default=None, help="segment a generated trajectory of this prompt")
     p.add_argument("--image", default=None, help="segment a real image (PNG) ...")
     p.add_argument("--caption", default=None, help="... run with this caption")
-    p.add_argument("--t", type=float, default=0.5, help="noise level of the real image (default 0.5)")
-    p.add_argument("--posterior", default="mode", choices=["mode", "sample"], help="VAE posterior")
+    p.add_argument("--t", type=float, default=None, help="noise level of the real image (default 0.5)")
+    p.add_argument("--posterior", default=None, choices=["mode", "sample"],
+                   help="VAE posterior of the real image (default mode)")
     p.add_argument("--k", type=int, default=4, help="channels per site for top/random/low (default 4)")
     p.add_argument("--channels", default="top", choices=CHANNEL_SETS, help="channel set of mask.png")
     p.add_argument("--features", default="raw", choices=FEATURES)
@@ -62,6 +63,13 @@ def run_segment(args: argparse.Namespace) -> int:
     for what, path in (("image", args.image), ("mask", args.gt_mask)):
         if path is not None and not Path(path).is_file():
             raise MassactError(f"{what} file {path!r} does not exist; accepted: a PNG file")
+    if args.gt_mask is not None:
+        load_png_mask(args.gt_mask)  # an unreadable mask fails now, not after the segmentation
+    if args.image is not None and not (args.caption or "").strip():
+        raise MassactError("a real image needs a caption; accepted: a non-empty --caption")
+    if args.image is not None and args.num_steps is not None:
+        raise MassactError(f"--num-steps {args.num_steps} given with --image, which is one transformer "
+                           "call at --t; accepted: --num-steps with --prompt")
     model = load_model(args.model, args.device, args.dtype)
     config = SegmentConfig(
         stats=args.stats, prompt=args.prompt, image=args.image, caption=args.caption, t=args.t,

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..model import resolve_model
+from ..model import hub_error, resolve_model
 from ..sites import sites_from_folder
 
 
@@ -24,7 +24,10 @@ def run(args: argparse.Namespace) -> int:
     if not Path(path).exists():
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(path, allow_patterns=["*.json", "*.txt", "*.model"])
+        try:
+            path = snapshot_download(path, allow_patterns=["*.json", "*.txt", "*.model"])
+        except (OSError, ValueError) as e:  # offline, not cached, no such repo
+            raise hub_error(args.model, e) from None
     adapter, sites = sites_from_folder(path)
     if args.json:
         print(json.dumps({

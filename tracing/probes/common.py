@@ -160,7 +160,7 @@ def make_plan(
         adapter=adapter, gen=gen, sites=chosen, layouts=layouts, steps=parse_steps(steps, gen.steps),
         schedule=call_schedule(gen.steps, per_step), n_img=rows * cols, grid=(rows, cols),
         batched_cfg=batched_cfg, device=transformer_device(pipe),
-        guidance=guidance_meta(pipe, probe_kw, per_step, batched_cfg),
+        guidance=guidance_meta(pipe, probe_kw, per_step, batched_cfg, adapter),
     )
 
 
@@ -272,7 +272,10 @@ def find_judge(model: Any, judge: bool | str | Path = True) -> Any | None:
 
 
 def judge_scores(judge: Any, images: torch.Tensor, prompts: Sequence[str]) -> dict | None:
-    """The judge's accuracy per attribute against world captions (``None`` if not captions).
+    """The judge's accuracy per attribute against world captions.
+
+    ``None`` where it has nothing to score: images not of the world's size, or prompts that are
+    not world captions.
 
     Shapes:
         images: [n, 3, H, W] in [0, 1].
@@ -283,6 +286,8 @@ def judge_scores(judge: Any, images: torch.Tensor, prompts: Sequence[str]) -> di
 
     from ..toy.judge import score
 
+    if not judge_can_read(images):
+        return None
     try:
         for p in prompts:
             W.parse_caption(p)
@@ -291,9 +296,18 @@ def judge_scores(judge: Any, images: torch.Tensor, prompts: Sequence[str]) -> di
     return score(images.float() * 2 - 1, list(prompts), judge)
 
 
+def judge_can_read(images: torch.Tensor) -> bool:
+    """Whether the toy's judge can read these images (world-sized)."""
+    # The judge reads world images at their own size (its first layer is sized for them);
+    # an image of another size is not one it can read.
+    from massact_nn import world as W
+
+    return tuple(images.shape[-2:]) == (W.SIZE, W.SIZE)
+
+
 def judge_readings(judge: Any, images: torch.Tensor) -> list[dict] | None:
     """The judge's attribute names per image (``None`` without a judge)."""
-    if judge is None:
+    if judge is None or not judge_can_read(images):
         return None
     from massact_nn import world as W
 

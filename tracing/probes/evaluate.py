@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from massact_nn._io import save_json
+from massact_nn.errors import MassactError
 from massact_nn.stats import ChannelStats
 
 from ..generation import GenerationConfig, resolve
@@ -101,6 +102,7 @@ def transport_pairs(n: int, seed: int) -> tuple[list[str], list[str]]:
 def evaluate(model: Any, stats: ChannelStats | str | Path, config: EvaluationConfig | None = None) -> dict:
     """Run the three measurements and return the report (JSON-ready)."""
     config = config or EvaluationConfig()
+    _check(config)
     st = load_stats(stats)
     gen = resolve(GenerationConfig(steps=config.num_steps, seed=config.seed, height=config.height,
                                    width=config.width), model, model_adapter(model))
@@ -149,6 +151,24 @@ def evaluate(model: Any, stats: ChannelStats | str | Path, config: EvaluationCon
     bar.close()
     report["transport"] = {"pairs": list(zip(src, tgt)), "rows": rows}
     return report
+
+
+def _check(config: EvaluationConfig) -> None:
+    """Every count at least 1, before anything runs (a bad one used to fail after the disruption)."""
+    def positive(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    for name in ("prompts", "pairs", "random_draws"):
+        v = getattr(config, name)
+        if not positive(v):
+            raise MassactError(f"{name}={v!r} is out of range; accepted: an integer >= 1")
+    for name in ("ks", "transport_ks"):
+        v = list(getattr(config, name))
+        if not v or not all(positive(k) for k in v):
+            raise MassactError(f"{name}={v!r} is out of range; accepted: one or more integers >= 1")
+    if not list(config.transport_masks):
+        raise MassactError("transport_masks is empty; accepted: one or more token masks "
+                           "('all', 'union', ...)")
 
 
 def _mean_rows(rows: list[dict]) -> dict:

@@ -34,7 +34,7 @@ from ..generation import GenerationConfig, resolve
 from ..model import model_adapter
 from ..sites import sites_of
 from .common import Plan, load_stats, make_plan, probe_meta, stats_site
-from .real_image import real_image_activations
+from .real_image import POSTERIOR, real_image_activations
 
 CHANNEL_SETS = ("top", "all", "random", "low")
 
@@ -49,7 +49,7 @@ class SegmentConfig:
         image: a real image (path, PIL, or [1, 3, H, W] tensor in [-1, 1]) with ``caption``,
             noised to ``t`` with seed ``generation.seed``.
         caption: Text the real image is run with.
-        t: Noise level of the real image (0 = clean, 1 = pure noise).
+        t: Noise level of the real image (0 = clean, 1 = pure noise; ``None``: 0.5).
         k: Channels per site for ``top``, ``random`` and ``low``.
         channels: The channel set whose mask is the result's primary mask.
         controls: Every channel set computed (the primary one is added if missing).
@@ -58,8 +58,12 @@ class SegmentConfig:
         aggregation: ``vote`` or ``concat`` over sites and steps.
         sites: Module paths or layer indices (``None``: the model's last site).
         steps: Steps of a generated trajectory (``"a:b"``, list; ``None``: the middle step).
-        generation: Steps, seed, size and pipeline extras.
-        posterior: VAE posterior of a real image: ``mode`` or ``sample``.
+        generation: Steps, seed, size and pipeline extras (a real image takes one call: its
+            steps are not used).
+        posterior: VAE posterior of a real image: ``mode`` or ``sample`` (``None``: ``mode``).
+
+    Options of the other source are refused, not ignored: ``caption``, ``t`` and ``posterior``
+    with a prompt, ``steps`` with an image.
         kmeans_seed: Seed of k-means and of the ``random`` channel draw.
     """
 
@@ -67,7 +71,7 @@ class SegmentConfig:
     prompt: str | None = None
     image: Any = None
     caption: str | None = None
-    t: float = 0.5
+    t: float | None = None
     k: int = 4
     channels: str = "top"
     controls: Sequence[str] = CHANNEL_SETS
@@ -77,8 +81,13 @@ class SegmentConfig:
     sites: Sequence[str | int] | None = None
     steps: str | Sequence[int] | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    posterior: str = "mode"
+    posterior: str | None = None
     kmeans_seed: int = 0
+
+    @property
+    def noise_level(self) -> float:
+        """The real image's t (0.5 unless set)."""
+        return 0.5 if self.t is None else float(self.t)
 
 
 def check_config(config: SegmentConfig) -> None:
@@ -97,7 +106,17 @@ def check_config(config: SegmentConfig) -> None:
         raise MassactError("give exactly one source; accepted: a prompt, or an image with a caption")
     if config.image is not None and not (isinstance(config.caption, str) and config.caption.strip()):
         raise MassactError("a real image needs a caption; accepted: a non-empty --caption")
-    if not 0.0 <= float(config.t) <= 1.0:
+    if config.prompt is not None:
+        given = [n for n in ("caption", "t", "posterior") if getattr(config, n) is not None]
+        if given:
+            raise MassactError(f"{', '.join(given)} given with a prompt, where they do nothing; "
+                               "accepted: caption, t and posterior with a real image (--image)")
+    elif config.steps is not None:
+        raise MassactError(f"steps={config.steps!r} given with a real image, which is one transformer "
+                           "call at t; accepted: steps with a generated trajectory (--prompt)")
+    if config.posterior is not None and config.posterior not in POSTERIOR:
+        raise choice_error("posterior", config.posterior, POSTERIOR)
+    if not 0.0 <= config.noise_level <= 1.0:
         raise MassactError(f"t={config.t!r} is out of range; accepted: 0 <= t <= 1")
 
 
@@ -239,9 +258,9 @@ def segment(model: Any, config: SegmentConfig) -> SegmentationResult:
     sets = select_channels(stats, plan.sites, names, config.k, config.kmeans_seed)
     union = union_channels(sets)
     if real:
-        tokens, inputs, image = capture_real(model, plan, config.image, config.caption, [config.t],
-                                             union, config.posterior)
-        t_of = {0: float(config.t)}
+        tokens, inputs, image = capture_real(model, plan, config.image, config.caption,
+                                             [config.noise_level], union, config.posterior or "mode")
+        t_of = {0: config.noise_level}
     else:
         tokens, inputs, image, t_of = capture_generated(model, plan, config.prompt, union)
     keys = sorted(tokens, key=lambda ms: (ms[1], [s.module for s in plan.sites].index(ms[0])))
@@ -249,9 +268,10 @@ def segment(model: Any, config: SegmentConfig) -> SegmentationResult:
     aggregated, per_block = cluster_sets(tokens, union, sets, keys, plan.grid, *opts)
     meta = probe_meta(
         model, plan, source="image" if real else "prompt", prompt=config.prompt,
-        caption=config.caption, t=float(config.t) if real else None,
+        caption=config.caption, t=config.noise_level if real else None,
         image_file=str(config.image) if isinstance(config.image, (str, Path)) else None,
-        posterior=config.posterior if real else None, t_of_step={str(k): v for k, v in t_of.items()},
+        posterior=(config.posterior or "mode") if real else None,
+        t_of_step={str(k): v for k, v in t_of.items()},
         k=config.k, channel_sets=names, features=config.features, foreground=config.foreground,
         aggregation=config.aggregation, kmeans_seed=config.kmeans_seed,
         stats_model=stats.meta.get("model"),

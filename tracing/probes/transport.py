@@ -32,7 +32,16 @@ from massact_nn.transport import TransportResult, check_alpha, gather, scatter_b
 from ..adapters import read_image, write_image
 from ..generation import GenerationConfig
 from ..model import model_adapter
-from .common import Plan, channel_sets, find_judge, load_stats, make_plan, probe_meta, write_pngs
+from .common import (
+    Plan,
+    channel_sets,
+    find_judge,
+    judge_can_read,
+    load_stats,
+    make_plan,
+    probe_meta,
+    write_pngs,
+)
 from .transport_parts import (
     ImageSource,
     group_rows,
@@ -184,7 +193,8 @@ def transport(
         alpha=config.alpha, k=config.k if config.channels is None else None,
         copy_norm_out=config.copy_norm_out, control=config.control,
         token_mask=_describe_mask(config.token_mask),
-        source_image=None if not image_source else _describe(source), judge=judge is not None,
+        source_image=None if not image_source else _describe(source),
+        judge=judge is not None and judge_can_read(res),
         **nbytes,
     )
     mask = p[0] if bool((p == p[:1]).all()) else p

@@ -22,6 +22,7 @@ from diffusers import FluxPipeline
 
 from massact_nn import world as W
 from massact_nn._io import save_json
+from massact_nn.errors import MassactError
 
 from . import build
 from .judge import load_judge, score, train_judge
@@ -168,8 +169,8 @@ def evaluate(
         folder: pipeline folder (a training run's ``pipeline/`` or the shipped folder).
         n: number of prompts (one image each).
         seed: seed of the prompts and noise.
-        judge_folder: where ``judge.safetensors`` lives; default ``folder``. When absent
-            a judge is trained on the spot (a few minutes) and saved there.
+        judge_folder: where ``judge.safetensors`` lives (it must be there); default
+            ``folder``, where a missing judge is trained on the spot (a few minutes) and saved.
         out_json: optional path of a JSON report.
         verbose: print a table.
         cfg_scale: true-CFG scale (1: off, the shipped default); see :func:`generate`.
@@ -183,6 +184,10 @@ def evaluate(
     try:
         net = load_judge(jfolder)
     except FileNotFoundError:
+        if judge_folder is not None:  # a judge the caller named must exist, not be made up
+            raise MassactError(f"no judge.safetensors in {str(jfolder)!r}; accepted: a folder with a "
+                               "trained judge, or no judge folder (one is trained beside the "
+                               "pipeline)") from None
         from .judge import save_judge
 
         net = train_judge(log=lambda _m: None)

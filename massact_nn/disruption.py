@@ -88,8 +88,10 @@ class DisruptionResult:
         images: Per set name (``none`` = undisturbed baseline, ``top_k4``, ``low_k4``,
             ``random0_k4``, ...), the generated images. Shapes: [prompts, 3, H, W] in [0, 1].
         channels: Per set name, per site module path, the disrupted channel ids. Shapes: [k].
-        metrics: ``{"sets": {name: {control, k, draw, mse, psnr, per_image, judge?, user?}},
-            "summary": [one row per (control, k), random draws averaged]}``.
+        metrics: ``{"sets": {name: {control, k, draw, mse, psnr, non_finite, per_image, judge?,
+            user?}}, "summary": [one row per (control, k), random draws averaged]}``. A PSNR of
+            ``None`` is infinite (identical images); NaN marks a value that is not finite because
+            ``non_finite`` images are not.
         meta: Model, versions, prompts, seeds, steps, sites, mode, alpha, stats folder.
     """
 
@@ -112,8 +114,13 @@ class DisruptionResult:
         return t
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``result.safetensors``, ``metrics.json`` and ``meta.json`` (atomically)."""
-        meta = {**self.meta, "kind": "disruption", "set_order": self.sets}
+        """Write ``result.safetensors``, ``metrics.json`` and ``meta.json`` (atomically).
+
+        safetensors keeps no key order: ``meta.json`` records the sets' (``set_order``) and each
+        set's sites' (``site_order``), so :meth:`load` gives both back in execution order.
+        """
+        meta = {**self.meta, "kind": "disruption", "set_order": self.sets,
+                "site_order": {s: list(per_site) for s, per_site in self.channels.items()}}
         return save_run(folder, self.tensors(), self.metrics, meta)
 
     @classmethod
@@ -123,14 +130,39 @@ class DisruptionResult:
         meta = _read_meta(folder, "disruption")
         t = load_tensors(folder / "result.safetensors")
         order = meta.pop("set_order")
+        site_order = meta.pop("site_order", None)
+        missing = [s for s in order if f"images/{s}" not in t]
+        if missing:
+            have = [k.split("/", 1)[1] for k in t if k.startswith("images/")]
+            raise MassactError(f"{str(folder)!r}: result.safetensors has no images of set {missing[0]!r} "
+                               f"listed in meta.json; accepted: one of {', '.join(have) or 'none'}")
         images = {s: t[f"images/{s}"] for s in order}
-        channels: dict[str, dict[str, torch.Tensor]] = {s: {} for s in order}
+        stored: dict[str, dict[str, torch.Tensor]] = {}
         for key, v in t.items():
             if key.startswith("channels/"):
                 _, s, module = key.split("/", 2)
-                channels[s][module] = v
+                stored.setdefault(s, {})[module] = v
+        if site_order is None:  # written before the order was recorded: the run's site order
+            sites = list(meta.get("sites") or [])
+            rank = lambda m: sites.index(m) if m in sites else len(sites)  # noqa: E731
+            site_order = {s: sorted(stored.get(s, {}), key=rank) for s in [*order, *stored]}
+        if not isinstance(site_order, dict) or not all(isinstance(m, list) for m in site_order.values()):
+            raise MassactError(f"{str(folder)!r}: meta.json's site_order is {site_order!r}; accepted: "
+                               "{set: [module paths]}")
+        names = [*site_order, *(s for s in stored if s not in site_order)]
+        channels = {s: _in_order(stored.get(s, {}), site_order.get(s, []), folder, s) for s in names}
         meta.pop("kind", None)
         return cls(images=images, channels=channels, metrics=load_json(folder / "metrics.json"), meta=meta)
+
+
+def _in_order(per_site: dict[str, torch.Tensor], modules: list, folder: Path, name: str) -> dict:
+    """``per_site`` with its sites in the recorded order (any not recorded follow, as stored)."""
+    missing = [m for m in modules if m not in per_site]
+    if missing:
+        raise MassactError(f"{str(folder)!r}: result.safetensors has no channels of set {name!r} at "
+                           f"site {missing[0]!r} listed in meta.json; accepted: one of "
+                           f"{', '.join(per_site) or 'none'}")
+    return {m: per_site[m] for m in [*modules, *(m for m in per_site if m not in modules)]}
 
 
 def _read_meta(folder: Path, kind: str) -> dict:

@@ -93,16 +93,22 @@ class SegmentationResult:
 
     # -- persistence ----------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
-        """Write ``result.safetensors`` and ``meta.json`` into ``folder`` (atomically)."""
+        """Write ``result.safetensors`` and ``meta.json`` into ``folder`` (atomically).
+
+        safetensors keeps no key order, so ``meta.json`` records each dict's (``tensor_order``):
+        :meth:`load` gives back the channel sets in the order they were run, the baselines and
+        blocks in theirs, and the image in its own dtype.
+        """
         folder = Path(folder)
         t = {f"aggregated/{k}": v.bool().clone() for k, v in self.aggregated.items()}
         t.update({f"block/{k}": v.bool().clone() for k, v in self.per_block.items()})
         t.update({f"channels/{k}": v.long().clone() for k, v in self.channels.items()})
         t.update({f"baseline/{k}": v.bool().clone() for k, v in self.baselines.items()})
         if self.image is not None:
-            t["image"] = self.image.float()
+            t["image"] = self.image  # in its own dtype
         save_tensors(folder / RESULT_FILE, t)
-        meta = {"primary": self.primary, "image_size": list(self.image_size), **self.meta}
+        order = {p: list(getattr(self, a)) for p, a in _PARTS.items()}
+        meta = {"primary": self.primary, "image_size": list(self.image_size), **self.meta, ORDER_KEY: order}
         save_json(folder / META_FILE, meta)
         return folder
 
@@ -119,10 +125,38 @@ class SegmentationResult:
         if "primary" not in meta or "image_size" not in meta:
             raise MassactError(f"{str(folder)!r} holds another kind of result, not a segmentation; "
                                "accepted: a folder written by `massact segment --out DIR`")
-        part = lambda p: {k[len(p) + 1:]: v for k, v in t.items() if k.startswith(p + "/")}  # noqa: E731
         primary, size = meta.pop("primary"), tuple(int(x) for x in meta.pop("image_size"))
+        order = meta.pop(ORDER_KEY, None)
+        recorded = order is not None
+        if not recorded:  # written before the order was recorded: the sets in the order they ran
+            order = {"aggregated": list(meta.get("channel_sets") or [])}
+        if not isinstance(order, dict):
+            raise MassactError(f"{str(folder / META_FILE)!r}: {ORDER_KEY!r} is {order!r}; accepted: "
+                               f"{{part: [names]}} with parts {', '.join(_PARTS)}")
+        parts = {p: _ordered(t, p, order.get(p) or [], folder, strict=recorded) for p in _PARTS}
         return cls(
-            aggregated=part("aggregated"), per_block=part("block"), channels=part("channels"),
-            baselines=part("baseline"), primary=primary, image_size=size,
+            aggregated=parts["aggregated"], per_block=parts["block"], channels=parts["channels"],
+            baselines=parts["baseline"], primary=primary, image_size=size,
             image=t.get("image"), meta=meta,
         )
+
+
+ORDER_KEY = "tensor_order"
+"""``meta.json`` key of each dict's key order (safetensors sorts its keys)."""
+_PARTS = {"aggregated": "aggregated", "block": "per_block", "channels": "channels", "baseline": "baselines"}
+
+
+def _ordered(t: dict[str, torch.Tensor], prefix: str, names: list, folder: Path,
+             strict: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix/`` in the recorded order (any not recorded follow, as stored)."""
+    have = {k[len(prefix) + 1:]: v for k, v in t.items() if k.startswith(prefix + "/")}
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise MassactError(f"{str(folder / META_FILE)!r}: the order of {prefix!r} is {names!r}; "
+                           "accepted: a list of names")
+    first = [n for n in names if n in have]
+    out = {n: have[n] for n in [*first, *(n for n in have if n not in first)]}
+    missing = [n for n in names if n not in have]
+    if missing and strict:
+        raise MassactError(f"{str(folder / RESULT_FILE)!r} lacks {prefix} {missing[0]!r} listed in "
+                           f"{META_FILE}; accepted: one of {', '.join(out) or 'none'}")
+    return out

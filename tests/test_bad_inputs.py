@@ -205,3 +205,15 @@ def test_a_guidance_scale_the_pipeline_ignores_is_recorded_as_unused(tiny_flux):
 
     assert guidance_meta(Dev(), {}, 1, False, flux.ADAPTER)["guidance_scale_used"] == 3.5
     assert guidance_meta(Dev(), {"guidance_scale": 7.0}, 1, False, flux.ADAPTER)["guidance_scale_used"] == 7.0
+
+
+def test_a_disruption_at_a_size_the_judge_cannot_read_runs_without_it(tmp_path):
+    from massact_nn.tracing.probes.disruption import DisruptionConfig, disrupt
+
+    toy = load_model("toy")
+    st = collect_stats(toy, ["a red circle on a blue background"],
+                       StatsConfig(GenerationConfig(steps=1, height=48, width=48), k=2, progress=False))
+    d = disrupt(toy, ["a red circle on a blue background"], st,
+                DisruptionConfig(generation=GenerationConfig(steps=1, height=48, width=48), k=[1],
+                                 random_draws=1, progress=False))
+    assert d.meta["judge"] is False and all("judge" not in r for r in d.metrics["sets"].values())

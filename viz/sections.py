@@ -22,10 +22,12 @@ from .probes import disruption_grid, disruption_metrics, disruption_sets_by_k, t
 from .stats import channel_heatmap, massive_profile, step_evolution
 from .steps import step_heatmap
 
+#: The metadata keys of the summary table, as the probes write them (``probe_meta`` extras).
 META_KEYS = ("model", "architecture", "transformer_class", "versions", "prompts", "prompt",
-             "caption", "image", "source_prompt", "target_prompt", "source_image", "seed", "steps",
-             "num_steps", "sites", "height", "width", "guidance_scale", "mode", "alpha", "k",
-             "features", "foreground_rule", "dtype", "device")
+             "caption", "image", "image_file", "source_prompts", "target_prompts", "source_image",
+             "seed", "steps", "num_steps", "sites", "height", "width", "guidance_scale", "mode",
+             "alpha", "k", "channel_sets", "token_mask", "features", "foreground", "aggregation",
+             "dtype", "device")
 #: Above this width the full heatmap has sub-pixel columns: show the top channels first.
 WIDE = 256
 TRUTH_FILES = ("gt_mask.png", "true_mask.png", "truth.png")

@@ -6,6 +6,7 @@ prompts with the same per-prompt generators, so the images differ only by the in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +15,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from massact_nn._io import load_json
 from massact_nn.disruption import MODES, DisruptionResult, ablate
 from massact_nn.errors import MassactError, check_channel_ids, check_k, choice_error
 from massact_nn.images import grid, save_png
-from massact_nn.metrics import mse, psnr, summarise
+from massact_nn.metrics import mse, psnr
 from massact_nn.selection import CONTROLS
 from massact_nn.stats import ChannelStats
 from massact_nn.transfer import move_packed
@@ -29,6 +31,7 @@ from .common import (
     UserMetric,
     channel_sets,
     find_judge,
+    judge_can_read,
     judge_scores,
     load_stats,
     make_plan,
@@ -206,37 +209,70 @@ def disrupt(
                       mean_statistic=mean_stat if config.mode == "mean" else None,
                       controls=list(config.controls), random_draws=config.random_draws,
                       channel_seed=config.channel_seed, stats_model=st.meta.get("model"),
-                      judge=judge is not None)
+                      judge=judge is not None and judge_can_read(images["none"]))
     return DisruptionResult(images=images, channels=sets, metrics=metrics, meta=meta)
 
 
 def _metrics(images: dict[str, torch.Tensor], names: list, prompts: list[str], judge: Any,
              config: DisruptionConfig) -> dict:
+    """Per-set and per-(control, k) metrics against the undisturbed baseline.
+
+    Two non-numbers, never mixed up: a PSNR of ``None`` is infinite (images identical to the
+    baseline, MSE 0), and NaN marks a value that is not finite because the disrupted images are
+    not (a disruption that overflows, such as ``scale`` with a huge ``alpha``); ``non_finite``
+    counts those images. A set with one non-finite image has NaN means (and judge scores), never
+    the mean of the others.
+    """
     base = images["none"]
     per_set = {}
     for name, control, k, draw in names:
         x = images[name]
         e, p = mse(x, base), psnr(x, base)
-        finite_p = [v if v != float("inf") else None for v in p.tolist()]
-        row: dict = {"control": control, "k": k, "draw": draw, "mse": summarise(e), "psnr": summarise(p),
-                     "per_image": {"mse": e.tolist(), "psnr": finite_p}}
+        bad = ~torch.isfinite(e)  # a NaN or inf pixel in either image
+        e = torch.where(bad, torch.full_like(e, math.nan), e)
+        p = torch.where(bad, torch.full_like(p, math.nan), p)
+        row: dict = {"control": control, "k": k, "draw": draw, "mse": _mean(e), "psnr": _psnr_mean(p),
+                     "non_finite": int(bad.sum()),
+                     "per_image": {"mse": e.tolist(), "psnr": [_psnr_json(v) for v in p.tolist()]}}
         j = judge_scores(judge, x, prompts)
-        if j is not None:
-            row["judge"] = j
+        if j is not None:  # what the judge reads in NaN pixels is no score
+            row["judge"] = {a: math.nan for a in j} if row["non_finite"] else j
         if config.user_metric is not None:
             row["user"] = dict(config.user_metric(x, prompts))
         per_set[name] = row
     summary = []
     for control, k in dict.fromkeys((c, k) for _, c, k, _ in names):
         rows = [r for r in per_set.values() if r["control"] == control and r["k"] == k]
-        mses = torch.tensor([r["mse"] for r in rows])
-        entry = {"control": control, "k": k, "draws": len(rows), "mse": float(mses.mean()),
-                 "mse_std": float(mses.std()) if len(rows) > 1 else 0.0,
-                 "psnr": summarise(torch.tensor([_inf(r["psnr"]) for r in rows]))}
+        mses = torch.tensor([r["mse"] for r in rows], dtype=torch.float64)
+        entry = {"control": control, "k": k, "draws": len(rows), "mse": _mean(mses),
+                 "mse_std": float(mses.std()) if len(rows) > 1 else (0.0 if _finite(mses) else math.nan),
+                 "psnr": _psnr_mean(torch.tensor([_inf(r["psnr"]) for r in rows], dtype=torch.float64)),
+                 "non_finite": sum(r["non_finite"] for r in rows)}
         if all("judge" in r for r in rows) and rows:
             entry["judge"] = {a: sum(r["judge"][a] for r in rows) / len(rows) for a in rows[0]["judge"]}
         summary.append(entry)
     return {"sets": per_set, "summary": summary}
+
+
+def _finite(v: torch.Tensor) -> bool:
+    return bool(torch.isfinite(v).all())
+
+
+def _mean(v: torch.Tensor) -> float:
+    """The mean, or NaN when any value is not finite (no value is skipped)."""
+    return float(v.double().mean()) if _finite(v) else math.nan
+
+
+def _psnr_mean(v: torch.Tensor) -> float | None:
+    """Mean PSNR: NaN when any value is NaN, ``None`` (infinite) when any image is identical."""
+    if bool(torch.isnan(v).any()):
+        return math.nan
+    m = float(v.double().mean())
+    return m if math.isfinite(m) else None
+
+
+def _psnr_json(v: float) -> float | None:
+    return None if v == float("inf") else v
 
 
 def _inf(v: float | None) -> float:
@@ -246,11 +282,31 @@ def _inf(v: float | None) -> float:
 def save_disruption(result: DisruptionResult, folder: str | Path) -> Path:
     """Save the result and its PNGs.
 
-    One grid per set (prompts in a row) and ``grid.png`` (one row per set, baseline first).
+    One grid per set (prompts in a row) and ``grid.png`` (one row per set, baseline first). A
+    folder reused from an earlier disruption run loses that run's set PNGs that this run does not
+    write (the sets its ``meta.json`` listed); other files are left alone.
     """
     folder = Path(folder)
+    for name in _previous_sets(folder):  # before the new meta.json replaces the list of them
+        if name not in result.images:
+            (folder / f"{name}.png").unlink(missing_ok=True)
     result.save(folder)
     write_pngs(folder, result.images)
     n = next(iter(result.images.values())).shape[0]
     save_png(folder / "grid.png", grid(torch.cat(list(result.images.values())), n))
     return folder
+
+
+def _previous_sets(folder: Path) -> list[str]:
+    """The set names of the disruption run already in ``folder`` (none for anything else)."""
+    try:
+        meta = load_json(folder / "meta.json")
+    except (OSError, ValueError):
+        return []
+    if not isinstance(meta, dict) or meta.get("kind") != "disruption":
+        return []
+    names = meta.get("set_order")
+    if not isinstance(names, list):
+        return []
+    # Only plain names: a set is a file of this folder, never a path out of it.
+    return [s for s in names if isinstance(s, str) and s and s == Path(s).name and s not in (".", "..")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +25,23 @@ def check_k(k: int, channels: int, what: str = "k") -> int:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > channels:
         raise MassactError(f"{what}={k!r} is out of range; accepted: 1..{channels} (the channel count)")
     return k
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an ``int >= 1``: numpy and torch integers too, never a bool or a float.
+
+    Raises:
+        MassactError: naming the value, for a non-integer or one below 1.
+    """
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        i = operator.index(value)
+    except TypeError:
+        raise MassactError(f"{name}={value!r} is not an integer; accepted: an integer >= 1") from None
+    if i < 1:
+        raise MassactError(f"{name}={value!r} is out of range; accepted: an integer >= 1")
+    return i
 
 
 def check_channel_ids(channels: Any, width: int, where: str = "") -> None:

@@ -35,8 +35,8 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0)), mode="RGB")
 
 
-#: PIL modes of 16/32-bit integer pixels: 16-bit PNGs open as one of these.
-_WIDE = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+#: PIL modes of 16-bit pixels: 16-bit greyscale PNGs open as one of these.
+_WIDE = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def upright(img: Image.Image) -> Image.Image:
@@ -50,9 +50,12 @@ def upright(img: Image.Image) -> Image.Image:
         MassactError: for 32-bit float pixels, whose full scale is unknown.
     """
     img = ImageOps.exif_transpose(img)
-    if img.mode in _WIDE:
+    if img.mode in _WIDE or img.mode == "I":
         arr = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.clip(np.rint(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
+        # Mode "I" (32-bit) says nothing of the range: values up to 255 are 8-bit ones (an
+        # in-memory convert("I")), larger ones 16-bit.
+        full = 255.0 if img.mode == "I" and arr.max(initial=0) <= 255 else 65535.0
+        return Image.fromarray(np.clip(np.rint(arr * (255.0 / full)), 0, 255).astype(np.uint8), "L")
     if img.mode == "F":
         raise MassactError("image has 32-bit float pixels (PIL mode 'F'), whose full scale is unknown; "
                            "accepted: 8- or 16-bit images, or a tensor")
@@ -64,7 +67,9 @@ def open_image(path: Path, what: str = "image") -> Image.Image:
     from PIL import UnidentifiedImageError
 
     try:
-        return Image.open(path)
+        img = Image.open(path)
+        img.load()  # a truncated file opens fine and fails here, not later in a convert()
+        return img
     except (UnidentifiedImageError, OSError) as e:
         raise MassactError(f"{what} file {str(path)!r} cannot be read as an image ({e}); accepted: a "
                            "PNG or JPEG file") from None

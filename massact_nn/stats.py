@@ -677,10 +677,11 @@ class ChannelStats:
         if [s.module for s in self.sites] != [s.module for s in other.sites]:
             raise MassactError("cannot merge statistics over different site lists")
         # Everything that changes what was measured must agree (not the prompts or their seeds).
-        # The guidance scale is compared as the pipeline used it where both runs recorded that
-        # (a scale FLUX.1-schnell ignores changed nothing).
-        scale = "guidance_scale_used" if all("guidance_scale_used" in m for m in (self.meta, other.meta)) \
-            else "guidance_scale"
+        # The guidance scale is compared as the pipeline used it where both runs know whether it
+        # was ignored (a scale FLUX.1-schnell ignores changed nothing); older runs recorded a
+        # scale as used even when it was not, so against them the requested scale is compared.
+        known = all("guidance_scale_ignored" in m for m in (self.meta, other.meta))
+        scale = "guidance_scale_used" if known else "guidance_scale"
         for key in ("model", "steps", "k", "height", "width", "include_uncond", scale,
                     "calls_per_step", "dtype", "architecture"):
             if self.meta.get(key) != other.meta.get(key):

@@ -96,11 +96,29 @@ def test_a_mistyped_local_path_is_not_sent_to_the_hub_as_a_traceback(tmp_path, c
     assert "check the path" in err
 
 
-def test_heights_and_widths_must_be_positive(tiny_flux):
+def test_heights_and_widths_must_be_positive_integers(tiny_flux):
     for name in ("height", "width"):
         gen = GenerationConfig(steps=1, **{"height": 32, "width": 32, name: 0})
         with pytest.raises(MassactError, match=f"{name}=0 is out of range"):
             collect_stats(tiny_flux, ["a"], StatsConfig(gen, progress=False))
+        gen = GenerationConfig(steps=1, **{"height": 32, "width": 32, name: 32.0})
+        with pytest.raises(MassactError, match=f"{name}=32.0 is not an integer"):
+            collect_stats(tiny_flux, ["a"], StatsConfig(gen, progress=False))
+    # numpy and torch integers are integers (an array of sizes, a tensor from a config)
+    gen = GenerationConfig(steps=1, height=np.int64(32), width=torch.tensor(32), batch_size=np.int32(2))
+    st = collect_stats(tiny_flux, ["a"], StatsConfig(gen, k=2, progress=False))
+    assert (st.meta["height"], st.meta["width"]) == (32, 32)
+    assert json.loads(json.dumps(st.meta["generation"]))["batch_size"] == 2
+
+
+def test_runs_from_before_the_ignored_flag_still_merge(tiny_flux):
+    a = collect_stats(tiny_flux, ["a red cat"], StatsConfig(GEN, k=2, progress=False))
+    b = collect_stats(tiny_flux, ["a dog"], StatsConfig(GEN, k=2, progress=False))
+    old = ChannelStats(a.sites, a.tensors, {**a.meta, "guidance_scale_used": 3.5})
+    del old.meta["guidance_scale_ignored"]  # as written before the flag existed
+    assert old.merge(b).meta["prompts"] == ["a red cat", "a dog"]
+    with pytest.raises(MassactError, match="guidance_scale differs"):
+        ChannelStats(a.sites, a.tensors, {**old.meta, "guidance_scale": 7.0}).merge(b)
 
 
 # -- transport inputs -----------------------------------------------------------------------------
@@ -154,8 +172,10 @@ def test_options_of_the_other_segmentation_source_are_refused(stats_dir, tmp_pat
 # -- evaluation and the judge -------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, needle", [({"pairs": 0}, "pairs=0 is out of range"),
                                          ({"prompts": -1}, "prompts=-1 is out of range"),
-                                         ({"transport_ks": []}, r"transport_ks=\[\] is out of range"),
-                                         ({"random_draws": True}, "random_draws=True is out of range")])
+                                         ({"transport_ks": []}, r"transport_ks=\[\] is empty"),
+                                         ({"ks": [1, 0]}, "ks entry=0 is out of range"),
+                                         ({"random_draws": True}, "random_draws=True is not an integer"),
+                                         ({"pairs": 2.0}, "pairs=2.0 is not an integer")])
 def test_evaluation_counts_are_checked_before_anything_runs(bad, needle, tiny_flux):
     # No statistics at all: the check must come before they are even loaded.
     with pytest.raises(MassactError, match=needle):

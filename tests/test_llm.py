@@ -6,6 +6,7 @@ import importlib.util
 import warnings
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from massact_nn.tracing.cli.main import main
@@ -379,8 +380,11 @@ def test_max_length_is_applied_and_recorded_as_used():
     bert = load_llm("bert-tiny")  # its tokenizer adds [CLS] and [SEP]
     with pytest.raises(MassactError, match=r"max_length=2 leaves no room for text.*accepted: an integer > 2"):
         collect_llm_stats(bert, ["the red cat"], LLMStatsConfig(max_length=2, progress=False))
-    with pytest.raises(MassactError, match=r"max_length=2.5 is out of range"):
+    with pytest.raises(MassactError, match=r"max_length=2.5 is not an integer"):
         collect_llm_stats(bert, ["the red cat"], LLMStatsConfig(max_length=2.5, progress=False))
+    short = collect_llm_stats(bert, ["the red cat sat"],
+                              LLMStatsConfig(max_length=np.int64(4), progress=False))
+    assert short.channels.meta["max_length"] == 4 == len(short.positions.tokens[0])
     res = collect_llm_stats(bert, ["the red cat sat on the mat " * 40], LLMStatsConfig(progress=False))
     limit = bert.model._module.config.max_position_embeddings
     assert res.channels.meta["max_length"] == limit == len(res.positions.tokens[0])

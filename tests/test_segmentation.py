@@ -154,6 +154,10 @@ def test_16_bit_greyscale_images_keep_their_tones(tiny_flux, tmp_path):
         want = image_tensor(tiny_flux, Image.fromarray(ramp8, "L"), 32, 32)
         assert torch.equal(got, want)  # PIL's own convert("RGB") would clip it to white
         assert abs(float(got.mean())) < 0.01
+    # Mode "I" holding 8-bit values (an in-memory convert("I")) keeps them as they are.
+    as_i = Image.fromarray(ramp8, "L").convert("I")
+    assert torch.equal(image_tensor(tiny_flux, as_i, 32, 32),
+                       image_tensor(tiny_flux, Image.fromarray(ramp8, "L"), 32, 32))
 
 
 def test_photos_load_upright_by_their_exif_orientation(tiny_flux, tmp_path):
@@ -190,6 +194,9 @@ def test_palette_and_16_bit_masks_read_their_colours(tmp_path):
     Image.fromarray(want.astype(np.uint16) * 65535).save(tmp_path / "m16.png")
     Image.fromarray(want.astype(np.uint16) * 200).save(tmp_path / "dark16.png")  # 200 of 65535: dark
     assert np.array_equal(load_png_mask(tmp_path / "pal.png").numpy(), want)
+    (tmp_path / "cut.png").write_bytes((tmp_path / "pal.png").read_bytes()[:-40])  # truncated
+    with pytest.raises(MassactError, match="cannot be read as an image"):
+        load_png_mask(tmp_path / "cut.png")
     assert np.array_equal(load_png_mask(tmp_path / "m16.png").numpy(), want)
     assert not load_png_mask(tmp_path / "dark16.png").any()
 
@@ -204,7 +211,8 @@ def test_bad_image_tensors_and_noise_levels_are_refused(tiny_flux, world_image):
         image_tensor(tiny_flux, torch.linspace(0, 255, 3 * 32 * 32).reshape(1, 3, 32, 32), 32, 32)
     with pytest.raises(MassactError, match=r"shape \(32, 32, 3\); accepted"):
         image_tensor(tiny_flux, img[0].permute(1, 2, 0), 32, 32)
-    for bad, needle in ((0.5, "t_values=0.5 is not a list"), (["x"], "t='x' is not a number"),
+    for bad, needle in ((0.5, "t_values=0.5 is not a list"), (torch.tensor(0.5), "is not a list"),
+                        (["x"], "t='x' is not a number"),
                         ([1.002], "t=1.002 is out of range"), ([-0.1], "t=-0.1 is out of range"),
                         ([], "no noise levels")):
         with pytest.raises(MassactError, match=re.escape(needle)):

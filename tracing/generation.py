@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from massact_nn.errors import MassactError
+from massact_nn.errors import MassactError, check_positive_int
 
 from .adapters import Adapter
 from .adapters.base import call_arg, call_parameters
@@ -73,13 +73,10 @@ def resolve(config: GenerationConfig, model: Any, adapter: Adapter) -> Generatio
         cfg.steps = cfg.steps or _call_default(pipe, "num_inference_steps", 4)
     if cfg.steps < 1:
         raise MassactError(f"steps={cfg.steps!r} is out of range; accepted: an integer >= 1")
-    if not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool) or cfg.batch_size < 1:
-        raise MassactError(f"batch_size={cfg.batch_size!r} is out of range; accepted: an integer >= 1")
-    for name in ("height", "width"):
-        v = getattr(cfg, name)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            # 0 would otherwise read as "unset" and silently become the model's default size.
-            raise MassactError(f"{name}={v!r} is out of range; accepted: a positive number of pixels")
+    cfg.batch_size = check_positive_int("batch_size", cfg.batch_size)
+    for name in ("height", "width"):  # 0 must not read as "unset" and become the default size
+        if getattr(cfg, name) is not None:
+            setattr(cfg, name, check_positive_int(name, getattr(cfg, name)))
     default_px = None
     if hasattr(pipe, "default_sample_size") and hasattr(pipe, "vae_scale_factor"):
         default_px = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
@@ -197,6 +194,7 @@ def guidance_meta(pipe: Any, kwargs: dict, calls_per_step: int, batched_cfg: boo
         how = "batched [uncond; cond]" if batched_cfg else "none"
     ignored = adapter is not None and adapter.scale_ignored(pipe, kwargs)
     return {"guidance_scale_used": None if ignored else call_arg(pipe, kwargs, "guidance_scale"),
+            "guidance_scale_ignored": ignored,
             "true_cfg_scale_used": call_arg(pipe, kwargs, "true_cfg_scale"), "guidance": how}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from massact_nn.errors import MassactError
+from massact_nn.errors import MassactError, check_positive_int
 from massact_nn.llm_stats import LLMStats, PositionAccumulator
 from massact_nn.sites import resolve_sites
 from massact_nn.stats import StatsAccumulator
@@ -68,10 +68,9 @@ def collect_llm_stats(
     """
     config = config or LLMStatsConfig()
     prompts = as_prompts(prompts)
-    if not isinstance(config.max_length, int) or isinstance(config.max_length, bool) or config.max_length < 1:
-        raise MassactError(f"max_length={config.max_length!r} is out of range; accepted: an integer >= 1")
+    requested = check_positive_int("max_length", config.max_length)
     module = llm.model._module
-    max_length = min(config.max_length, _positions(module, llm.tokenizer))
+    max_length = min(requested, _positions(module, llm.tokenizer))
     specials = _special_tokens(llm.tokenizer)
     if max_length <= specials:
         # The tokenizer would skip truncation (with a warning) and run the whole text.
@@ -118,7 +117,7 @@ def collect_llm_stats(
         "prompts": prompts,
         "tokens": n_tokens,
         "max_length": max_length,  # what truncation used: the request, or the model's limit
-        "max_length_requested": config.max_length,
+        "max_length_requested": requested,
         "dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
         "device": str(device),
     }

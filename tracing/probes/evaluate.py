@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from massact_nn._io import save_json
-from massact_nn.errors import MassactError
+from massact_nn.errors import MassactError, check_positive_int
 from massact_nn.stats import ChannelStats
 
 from ..generation import GenerationConfig, resolve
@@ -155,17 +155,14 @@ def evaluate(model: Any, stats: ChannelStats | str | Path, config: EvaluationCon
 
 def _check(config: EvaluationConfig) -> None:
     """Every count at least 1, before anything runs (a bad one used to fail after the disruption)."""
-    def positive(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
     for name in ("prompts", "pairs", "random_draws"):
-        v = getattr(config, name)
-        if not positive(v):
-            raise MassactError(f"{name}={v!r} is out of range; accepted: an integer >= 1")
+        check_positive_int(name, getattr(config, name))
     for name in ("ks", "transport_ks"):
         v = list(getattr(config, name))
-        if not v or not all(positive(k) for k in v):
-            raise MassactError(f"{name}={v!r} is out of range; accepted: one or more integers >= 1")
+        if not v:
+            raise MassactError(f"{name}=[] is empty; accepted: one or more integers >= 1")
+        for k in v:
+            check_positive_int(f"{name} entry", k)
     if not list(config.transport_masks):
         raise MassactError("transport_masks is empty; accepted: one or more token masks "
                            "('all', 'union', ...)")

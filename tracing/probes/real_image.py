@@ -194,11 +194,15 @@ def _t_list(t_values: Sequence[float]) -> list[float]:
 
     (In bf16, t = 1.002 would round to 1.0 and pass.)
     """
-    if isinstance(t_values, (str, bytes)) or not hasattr(t_values, "__iter__"):
+    try:
+        if isinstance(t_values, (str, bytes)):
+            raise TypeError
+        items = list(t_values)
+    except TypeError:  # a bare number, a 0-d tensor
         raise MassactError(f"t_values={t_values!r} is not a list; accepted: a list of t in [0, 1], "
-                           "e.g. [0.5]")
+                           "e.g. [0.5]") from None
     out = []
-    for t in t_values:
+    for t in items:
         try:
             f = float(t)
         except (TypeError, ValueError):

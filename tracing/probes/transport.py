@@ -70,6 +70,10 @@ class TransportConfig:
             the segmentation probe, run on each pair's trajectories); a token-grid mask
             ``[rows, cols]`` / ``[pairs, rows, cols]`` bool; a path (segmentation run folder with
             ``mask.npy``, a ``.npy`` file, or a PNG resized to the grid); or a list (the union).
+            The default ``"all"`` needs no statistics run and copies at every token: with many
+            channels the result then takes the source's layout too. To move semantics while
+            keeping the target's structure, restrict ``p``, e.g. to the foregrounds (``"union"``,
+            which the README's measurements use with k=16).
         alpha: Blend ``X_t (1 − αM) + X_s αM``; 1 = hard replacement, 0 = no change.
         mode: ``batched`` or ``two_pass`` (image-conditioned sources need ``two_pass``).
         copy_norm_out: Also blend ``transformer.norm_out``'s output over the tokens in ``p`` (all

@@ -68,6 +68,30 @@ def test_non_finite_disruption_completes_and_says_so(stats_dir, tmp_path, capsys
             assert math.isnan(entry["mse"]) and math.isnan(entry["psnr"]) and entry["non_finite"] >= 1
     r = DisruptionResult.load(out)  # the written result reads back
     assert r.sets == ["none", *broken] and math.isnan(r.metrics["sets"][broken[0]]["mse"])
+    # ... and a person reading the report sees it: magenta tiles (not black), "not finite"
+    # captions and table cells, and a sentence naming the sets.
+    import base64
+    import io
+
+    import numpy as np
+    from massact_nn.viz import disruption_grid
+    from massact_nn.viz.report import build_report
+    from PIL import Image
+
+    fig = disruption_grid(r)
+    tiles = [np.asarray(Image.open(io.BytesIO(base64.b64decode(t.source.split(",", 1)[1]))).convert("RGB"))
+             for t in fig.data if t.type == "image"]
+    assert len(tiles) == len(r.sets)
+    assert not (tiles[0] == (255, 0, 255)).all(-1).any()  # the baseline is finite
+    for tile in tiles[1:]:
+        assert (tile == (255, 0, 255)).all(-1).all()
+    captions = [a.text for a in fig.layout.annotations if a.text.startswith("<b>")]  # column titles
+    assert len(captions) == len(r.sets)
+    assert all("1 image(s) not finite" in c for c in captions if not c.startswith("<b>none</b>"))
+    assert sum("MSE not finite" in c for c in captions) == len(broken)
+    page = build_report([out], tmp_path / "r.html").read_text()
+    assert "Not finite: " + ", ".join(f"{n} (1 image)" for n in broken) in page
+    assert '<td class="num">not finite</td>' in page
 
 
 def test_one_non_finite_image_makes_the_set_mean_nan_not_the_others_mean():

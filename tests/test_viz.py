@@ -86,8 +86,11 @@ def test_profile_shows_top_three_and_median(stats):
             assert t.y[i] == pytest.approx(float(v[order[r]]), rel=1e-6)
             assert t.text[i] == s.module
     assert [int(c[1]) for c in fig.data[0].customdata] == [PLANT[0], PLANT[1], PLANT[2]]
-    med = [float(np.median(stats.stat(s.module).double().numpy())) for s in stats.sites]
+    # The median is torch's (lower middle value), the one the statistics' ratio_top1_median uses.
+    med = [float(stats.stat(s.module).median()) for s in stats.sites]
     assert list(fig.data[3].y) == pytest.approx(med, rel=1e-6)
+    for s, top1, m in zip(stats.summary(), fig.data[0].y, fig.data[3].y, strict=True):
+        assert s["ratio_top1_median"] == pytest.approx(top1 / m, rel=1e-5)
     assert fig.layout.yaxis.type == "log"
     assert list(fig.data[0].x) == [0, 1, 2]
 

@@ -87,10 +87,29 @@ def short(s: str, n: int = 32) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
+def lower_median(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """The median as torch takes it (the lower of the two middle values for an even count).
+
+    The statistics' ``ratio_top1_median`` uses torch's; a plot next to that table must use the
+    same median, or their ratios disagree (19.06 against 19.17 on the toy's first layer).
+    """
+    a = np.asarray(values, dtype=float)
+    if axis is None:
+        a, axis = a.ravel(), 0
+    k = (a.shape[axis] - 1) // 2
+    return np.take(np.partition(a, k, axis=axis), k, axis=axis)
+
+
 def fmt(v: float) -> str:
-    """A number short enough for a hover box or a table cell (3 significant digits)."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    """A number short enough for a hover box or a table cell (3 significant digits).
+
+    ``None`` (nothing to show, e.g. the PSNR of identical images) is "–"; NaN is "not finite"
+    (a result computed from non-finite values, which must not read like a missing one).
+    """
+    if v is None:
         return "–"
+    if isinstance(v, float) and math.isnan(v):
+        return "not finite"
     v = float(v)
     if v == 0:
         return "0"
@@ -142,7 +161,9 @@ def log_axis(values: np.ndarray, title: str) -> dict:
     if not v.size:
         return axis
     lo, hi = math.floor(np.log10(v.min())), math.ceil(np.log10(v.max()))
-    if hi - lo > 2:
+    # Up to three decades get labels at 1, 2 and 5: with decade labels alone a plot spanning
+    # 0.2 to 5 showed only "1" (values are read off the axis, not only by hovering).
+    if hi - lo > 3:
         axis["dtick"] = 1
     else:  # explicit labels: plotly's own minor labels read "2, 5" for 0.2 and 0.5
         vals = [m * 10.0**d for d in range(lo, hi + 1) for m in (1, 2, 5)]

@@ -20,8 +20,15 @@ DIM_COLOUR = "rgba(10, 10, 30, 0.62)"
 OUTLINE_COLOUR = "#00e5ff"
 
 
+#: The colour of non-finite pixels in every viewer (no image of the shapes world uses it).
+NOT_FINITE_RGB = (255, 0, 255)
+
+
 def to_hwc_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """An image ``[3, H, W]`` (or ``[H, W, 3]`` / ``[H, W]``) in [0, 1] as ``uint8 [H, W, 3]``."""
+    """An image ``[3, H, W]`` (or ``[H, W, 3]`` / ``[H, W]``) in [0, 1] as ``uint8 [H, W, 3]``.
+
+    Non-finite pixels are drawn in :data:`NOT_FINITE_RGB`.
+    """
     a = image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
         a = a.transpose(1, 2, 0)
@@ -30,7 +37,11 @@ def to_hwc_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     if a.shape[-1] == 1:
         a = np.repeat(a, 3, axis=-1)
     if a.dtype != np.uint8:
-        a = (np.clip(a.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
+        a = a.astype(np.float64)
+        bad = ~np.isfinite(a).all(axis=-1)
+        a = (np.clip(np.nan_to_num(a, nan=0.0), 0, 1) * 255).round().astype(np.uint8)
+        # NaN/inf pixels would clip to black, like a real black background: shown magenta.
+        a[bad] = NOT_FINITE_RGB
     return np.ascontiguousarray(a)
 
 

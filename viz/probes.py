@@ -46,9 +46,11 @@ def _set_caption(name: str, row: dict) -> str:
     if nums:
         parts.append(" · ".join(nums))
     judge = row.get("judge")
-    if isinstance(judge, dict) and judge:
+    if isinstance(judge, dict) and judge and not row.get("non_finite"):  # NaN readings say nothing
         parts.append("judge " + " ".join(f"{_esc(a)} {fmt(v)}" for a, v in list(judge.items())[:3]
                                          if isinstance(v, (int, float))))
+    if row.get("non_finite"):
+        parts.append(f"<b>{row['non_finite']} image(s) not finite</b> (magenta)")
     return "<br>".join(parts)
 
 

@@ -112,6 +112,13 @@ def _disruption(folder: Path, anchor: str) -> tuple[str, list[str]]:
            H.paragraph("Each column generates the same prompts from the same seeds with one "
                        "channel set disrupted; 'none' is the undisturbed baseline. Top-k should "
                        "hurt far more than the low-k and random-k controls.")]
+    bad = {n: row.get("non_finite") for n, row in ((r.metrics or {}).get("sets") or {}).items()
+           if row.get("non_finite")}
+    if bad:
+        out.append(H.paragraph(
+            "Not finite: " + ", ".join(f"{n} ({c} image{'s' if c > 1 else ''})" for n, c in bad.items())
+            + ". The disruption produced NaN or infinite pixels there (drawn magenta); their MSE, "
+            "PSNR and judge readings are not finite and no bar is drawn for them."))
     groups = disruption_sets_by_k(r)
     for k, sets in groups.items():
         if len(groups) > 1:

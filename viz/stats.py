@@ -27,6 +27,7 @@ from ._common import (
     log10_floor,
     log_axis,
     log_colorbar,
+    lower_median,
     run_label,
 )
 
@@ -170,7 +171,7 @@ def _profile_rows(stats: ChannelStats, stat: str) -> dict[str, list]:
         rows["module"].append(s.module)
         rows["channels"].append(order.tolist())
         rows["values"].append(v[order].tolist())
-        rows["median"].append(float(np.median(v)))
+        rows["median"].append(float(lower_median(v)))
     return rows
 
 
@@ -298,7 +299,7 @@ def step_evolution(
         steps = np.arange(curves.shape[0])
         lab = site_label(s.module, s.layer)
         top = stats.top(s.module, n).tolist()
-        ys += [curves[:, top].ravel(), np.median(curves, axis=1)]
+        ys += [curves[:, top].ravel(), lower_median(curves, axis=1)]
         for c in top:
             colour_of.setdefault(c, PALETTE[len(colour_of) % len(PALETTE)])
             fig.add_trace(go.Scatter(
@@ -309,7 +310,7 @@ def step_evolution(
                                "%{customdata:.4g}<extra></extra>"),
                 visible=si == 0,
             ))
-        med = np.median(curves, axis=1)
+        med = lower_median(curves, axis=1)
         fig.add_trace(go.Scatter(
             x=steps, y=np.maximum(med, LOG_FLOOR), mode="lines", name="median of channels",
             line=dict(color=MEDIAN_COLOUR, dash="dash", width=1.5), customdata=med,

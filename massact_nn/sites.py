@@ -42,10 +42,18 @@ class Site:
         )
 
 
+def _layers(sites: Sequence[Site]) -> str:
+    """The layer indices a site list accepts: ``0..56``, or the list of a subset run's layers."""
+    layers = sorted(s.layer for s in sites)
+    if layers and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}..{layers[-1]}"
+    return ", ".join(map(str, layers))
+
+
 def _not_a_site(w: object, sites: Sequence[Site]) -> MassactError:
     example = repr(sites[0].module) if sites else "..."
     return MassactError(f"site {w!r} is neither a module path nor a layer index; accepted: module "
-                        f"paths (e.g. {example}) or layer indices 0..{len(sites) - 1}")
+                        f"paths (e.g. {example}) or layer indices {_layers(sites)}")
 
 
 def resolve_sites(sites: Sequence[Site], wanted: Sequence[str | int] | str | int | None) -> list[Site]:
@@ -86,7 +94,7 @@ def resolve_sites(sites: Sequence[Site], wanted: Sequence[str | int] | str | int
             accepted = ", ".join(s.module for s in sites)
             raise MassactError(
                 f"unknown site {w!r}; accepted: module paths ({accepted}) "
-                f"or layer indices 0..{len(sites) - 1}"
+                f"or layer indices {_layers(sites)}"
             )
         if site not in out:
             out.append(site)

@@ -466,7 +466,7 @@ class StatsAccumulator:
         self._require_closed()
         self._raise_nonfinite(torch.cat([g.nonfinite for g in self._groups.values()]).cpu())
 
-    def _raise_nonfinite(self, flags: torch.Tensor) -> None:
+    def _raise_nonfinite(self, flags: torch.Tensor, dtype: str | None = None) -> None:
         """Shapes: flags: [sites in group order, steps]."""
         order = [a.module for g in self._groups.values() for a in g.sites]
         layer = {s.module: i for i, s in enumerate(self.sites)}
@@ -476,9 +476,11 @@ class StatsAccumulator:
             bad.append((steps[0], layer[order[i]], order[i], steps))
         if bad:
             step, _, module, steps = min(bad)
+            hint = ("the model overflows in float32 too" if dtype == "float32"
+                    else "if the model ran in bfloat16 or float16, try --dtype float32")
             raise MassactError(
                 f"non-finite activations at site {module}, step {step} "
-                f"(steps affected there: {steps}); try --dtype float32"
+                f"(steps affected there: {steps}); {hint}"
             )
 
     def result(self, meta: dict | None = None) -> ChannelStats:
@@ -501,7 +503,8 @@ class StatsAccumulator:
             dev[f"prompt_topk/{c}"] = torch.cat(g.prompt_sets, 1)
             dev[f"step_topk/{c}"] = torch.cat(g.step_sets_done, 1)
         host = move_packed(dev, "cpu")  # one transfer, however many sites and dtypes
-        self._raise_nonfinite(torch.cat([host[f"nonfinite/{c}"] for c in self._groups]))
+        self._raise_nonfinite(torch.cat([host[f"nonfinite/{c}"] for c in self._groups]),
+                              (meta or {}).get("dtype"))
         # Divided per group, then split into per-site rows (views: a row per site costs no copy).
         rows: dict[str, tuple[torch.Tensor, ...]] = {}
         for c, g in self._groups.items():
@@ -551,6 +554,27 @@ def _spread(x: torch.Tensor, steps: list[int]) -> torch.Tensor:
         return x
     out = x.new_zeros(x.shape[0], steps[-1] - steps[0] + 1, x.shape[2])
     out[:, [st - steps[0] for st in steps]] = x
+    return out
+
+
+#: Pipeline arguments that may hold one entry per prompt (negative prompts, second encoders' prompts).
+PER_PROMPT = ("negative_prompt", "negative_prompt_2", "negative_prompt_3", "prompt_2", "prompt_3")
+
+
+def _merge_extra(a: dict | None, b: dict | None) -> dict | None:
+    """Two shards' pipeline extras as one run's: per-prompt lists concatenate, the rest must agree."""
+    if a is None and b is None:
+        return None
+    a, b = dict(a or {}), dict(b or {})
+    out = {}
+    for key in dict.fromkeys([*a, *b]):
+        va, vb = a.get(key), b.get(key)
+        if key in PER_PROMPT and isinstance(va, list) and isinstance(vb, list):
+            out[key] = va + vb  # each shard's list is one entry per its prompts
+        elif va != vb:
+            raise MassactError(f"cannot merge: generation extra {key!r} differs ({va!r} vs {vb!r})")
+        else:
+            out[key] = va
     return out
 
 
@@ -693,6 +717,8 @@ class ChannelStats:
             m = s.module
             na, nb = a[f"count/{m}"].double(), b[f"count/{m}"].double()
             for name in ("abs_mean", "mean_abs", "mean"):
+                if name == "mean" and not (f"mean/{m}" in a and f"mean/{m}" in b):
+                    continue  # a run from before the signed mean was kept: merged without it
                 t[f"{name}/{m}"] = ((a[f"{name}/{m}"].double() * na + b[f"{name}/{m}"].double() * nb)
                                     / (na + nb)).float()
             t[f"max_abs/{m}"] = torch.maximum(a[f"max_abs/{m}"], b[f"max_abs/{m}"])
@@ -705,10 +731,11 @@ class ChannelStats:
                 t[f"{name}/{m}"] = torch.cat([a[f"{name}/{m}"], b[f"{name}/{m}"]])
             t[f"count/{m}"] = a[f"count/{m}"] + b[f"count/{m}"]
             t[f"step_count/{m}"] = a[f"step_count/{m}"] + b[f"step_count/{m}"]
-        extra = [(m.get("generation") or {}).get("extra") for m in (self.meta, other.meta)]
-        if extra[0] != extra[1]:
-            raise MassactError(f"cannot merge: generation extra differs ({extra[0]!r} vs {extra[1]!r})")
+        merged_extra = _merge_extra(*[(m.get("generation") or {}).get("extra")
+                                      for m in (self.meta, other.meta)])
         meta = dict(self.meta)
+        if merged_extra is not None:
+            meta["generation"] = {**(self.meta.get("generation") or {}), "extra": merged_extra}
         meta["prompts"] = list(self.meta.get("prompts", [])) + list(other.meta.get("prompts", []))
         # Each shard numbered its seeds from its own first prompt: keep them per prompt.
         meta["prompt_seeds"] = _prompt_seeds(self.meta) + _prompt_seeds(other.meta)

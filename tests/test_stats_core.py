@@ -84,6 +84,39 @@ def test_merge_refuses_shards_measured_differently_and_keeps_each_prompts_seed()
             a.merge(other)
 
 
+def test_merge_joins_per_prompt_pipeline_lists_and_runs_without_the_signed_mean():
+    data = _data(3, prompts=3)
+    a, b = StatsAccumulator(SITES, steps=2, k=2), StatsAccumulator(SITES, steps=2, k=2)
+    _feed(a, {k: v[:, :1] for k, v in data.items()}, 1)
+    _feed(b, {k: v[:, 1:] for k, v in data.items()}, 2)
+
+    def meta(prompts, negatives, scalar="x"):
+        return {"model": "m", "prompts": prompts, "generation": {"extra": {
+            "negative_prompt": negatives, "max_sequence_length": 16, "prompt_2": scalar}}}
+
+    # One run split in two: each shard's per-prompt negatives cover its own prompts.
+    ra, rb = a.result(meta(["p0"], ["n0"])), b.result(meta(["p1", "p2"], ["n1", "n2"]))
+    merged = ra.merge(rb)
+    assert merged.meta["generation"]["extra"] == {"negative_prompt": ["n0", "n1", "n2"],
+                                                  "max_sequence_length": 16, "prompt_2": "x"}
+    with pytest.raises(MassactError, match="generation extra 'prompt_2' differs \\('x' vs 'y'\\)"):
+        ra.merge(b.result(meta(["p1", "p2"], ["n1", "n2"], scalar="y")))
+    # A run from before the signed mean was kept (load() accepts it) still merges, without it.
+    old = ChannelStats(ra.sites, {k: v for k, v in ra.tensors.items() if not k.startswith("mean/")}, ra.meta)
+    both = old.merge(rb)
+    assert not any(k.startswith("mean/") for k in both.tensors)
+    torch.testing.assert_close(both.stat("blocks.0"), merged.stat("blocks.0"))
+
+
+def test_a_subset_runs_site_errors_list_its_own_layers():
+    subset = [Site(1, "blocks.1", 6), Site(3, "blocks.3", 6)]
+    with pytest.raises(MassactError, match=r"or layer indices 1, 3$"):
+        resolve_sites(subset, [0])
+    assert resolve_sites(subset, [3]) == [subset[1]]
+    with pytest.raises(MassactError, match=r"layer indices 0\.\.1"):
+        resolve_sites(SITES, [5])
+
+
 def test_summary_refuses_a_k_above_the_runs_own():
     acc = StatsAccumulator(SITES, steps=2, k=2)
     _feed(acc, _data(2), 3)
@@ -135,8 +168,10 @@ def test_nonfinite_names_site_and_step():
                 x[0, 1, 3] = float("nan")
             acc.update(s.module, step, x)
     acc.end_batch()
-    with pytest.raises(MassactError, match=r"site blocks\.1, step 2"):
+    with pytest.raises(MassactError, match=r"site blocks\.1, step 2.*try --dtype float32"):
         acc.result()
+    with pytest.raises(MassactError, match=r"site blocks\.1, step 2.*overflows in float32 too"):
+        acc.result({"dtype": "float32"})
 
 
 def test_bad_inputs_are_named():

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from massact_nn.errors import MassactError, check_positive_int
+from massact_nn.stats import PER_PROMPT
 
 from .adapters import Adapter
 from .adapters.base import call_arg, call_parameters
@@ -143,8 +144,6 @@ def as_prompts(prompts: str | Sequence[str]) -> list[str]:
     return out
 
 
-#: Pipeline arguments that may hold one entry per prompt.
-PER_PROMPT = ("negative_prompt", "negative_prompt_2", "negative_prompt_3", "prompt_2", "prompt_3")
 
 
 def pipeline_kwargs(

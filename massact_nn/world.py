@@ -97,19 +97,23 @@ def parse_caption(text: str) -> dict[str, int]:
     """Inverse of :func:`caption_for`.
 
     Raises:
-        ValueError: if the text is not a world caption.
+        ValueError: if the text is not a world caption (one with the same foreground and
+            background colour included: the world never draws it).
     """
     words = text.strip().lower().split()
     if len(words) != 7 or words[0] != "a" or words[3:5] != ["on", "a"] or words[6] != "background":
         raise ValueError(f"not a world caption: {text!r}")
     try:
-        return {
+        out = {
             "fg_colour": COLOURS.index(words[1]),
             "shape": SHAPES.index(words[2]),
             "bg_colour": BG_COLOURS.index(words[5]),
         }
     except ValueError:
         raise ValueError(f"unknown word in caption: {text!r}") from None
+    if words[1] == words[5]:  # the world never draws a shape in its background's colour
+        raise ValueError(f"not a world caption: {text!r} (foreground and background are both {words[1]})")
+    return out
 
 
 def all_captions() -> list[str]:

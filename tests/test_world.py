@@ -112,7 +112,8 @@ def test_captions_parse_back_to_attributes():
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "a red circle", "a purple circle on a blue background", "the red circle on a blue bg"]
+    "bad", ["", "a red circle", "a purple circle on a blue background", "the red circle on a blue bg",
+            "a red circle on a red background"]  # the world never draws a shape on its own colour
 )
 def test_parse_caption_rejects_non_world_text(bad):
     with pytest.raises(ValueError):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from massact_nn.errors import MassactError, choice_error
-from massact_nn.images import upright
+from massact_nn.images import open_image, upright
 from massact_nn.sites import Site, resolve_sites
 
 from ..adapters import read_image
@@ -61,16 +61,11 @@ def load_image(path: str | Path) -> Any:
     Raises:
         MassactError: for a missing or unreadable file.
     """
-    from PIL import Image, UnidentifiedImageError
-
     p = Path(path)
     if not p.is_file():
         raise MassactError(f"image file {str(path)!r} does not exist; accepted: a PNG or JPEG file")
-    try:
-        with Image.open(p) as img:
-            return upright(img).convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise MassactError(f"image file {str(path)!r} cannot be read as an image ({e})") from None
+    with open_image(p) as img:
+        return upright(img).convert("RGB")
 
 
 def image_tensor(model: Any, image: Any, height: int, width: int) -> torch.Tensor:

@@ -17,14 +17,34 @@ from .images import open_image, upright, upsample_mask
 
 __all__ = [
     "border_tokens", "centre_blob", "check_complement", "check_mask_shape", "colour_mask",
-    "downsample_majority", "iou", "load_png_mask", "save_png_mask", "token_grid_of",
+    "binary_mask", "downsample_majority", "iou", "load_png_mask", "save_png_mask", "token_grid_of",
     "upsample_nearest",
 ]
 
 
 def _as_bool(mask: torch.Tensor | np.ndarray) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask)
-    return t.bool()
+    return binary_mask(t)
+
+
+def binary_mask(m: torch.Tensor | np.ndarray, what: str = "mask") -> torch.Tensor:
+    """A bool mask from a bool or 0/1 array; anything else (a soft mask, 0/255) is refused.
+
+    ``.bool()`` alone would make every nonzero value inside: a soft mask of 0.1s covers the image.
+
+    Raises:
+        MassactError: naming a few of the values that are neither 0 nor 1.
+    """
+    m = torch.as_tensor(m)
+    if m.dtype == torch.bool:
+        return m
+    if m.is_complex():
+        raise MassactError(f"{what} is complex; accepted: a bool or 0/1 mask")
+    if not ((m == 0) | (m == 1)).all():
+        shown = sorted({float(v) for v in m.flatten()[:10_000].tolist()} - {0.0, 1.0})[:3]
+        raise MassactError(f"{what} has values other than 0 and 1 (e.g. {shown}); accepted: a bool or "
+                           "0/1 mask (threshold a soft mask first, e.g. m >= 0.5)")
+    return m == 1
 
 
 def check_mask_shape(mask: torch.Tensor, shape: tuple[int, int], what: str = "mask") -> torch.Tensor:

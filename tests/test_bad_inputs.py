@@ -138,6 +138,11 @@ def test_token_masks_are_boolean_or_zero_one(tmp_path):
     for spec in (tmp_path / "soft.npy", torch.from_numpy(soft), np.full(grid, 255, np.uint8)):
         with pytest.raises(MassactError, match="values other than 0 and 1"):
             resolve_token_mask(spec, grid, pairs)
+    from massact_nn.masks import iou
+
+    with pytest.raises(MassactError, match="mask has values other than 0 and 1"):  # metrics too
+        iou(torch.full(grid, 0.3), torch.ones(grid, dtype=torch.bool))
+    assert iou(torch.ones(grid), torch.ones(grid, dtype=torch.bool)) == 1.0
     half = np.zeros(grid, np.uint8)
     half[:2] = 1
     np.save(tmp_path / "half.npy", half)

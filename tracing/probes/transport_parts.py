@@ -12,6 +12,7 @@ import torch
 
 from massact_nn.errors import MassactError
 from massact_nn.images import mask_from_png, upsample_mask
+from massact_nn.masks import binary_mask
 from massact_nn.metrics import inside_outside, summarise
 
 from .common import judge_readings
@@ -122,7 +123,7 @@ def resolve_token_mask(
     elif isinstance(spec, (str, Path)):
         m = _mask_file(Path(spec), grid)
     elif isinstance(spec, (torch.Tensor, np.ndarray)):
-        m = _binary(torch.as_tensor(spec), "token mask")
+        m = binary_mask(torch.as_tensor(spec), "token mask")
     else:
         raise MassactError(f"token mask {spec!r} not understood; accepted: 'all', 'target', 'source', "
                            "'union', a [rows, cols] bool tensor, a segmentation run folder, a .npy file "
@@ -150,24 +151,8 @@ def _mask_file(p: Path, grid: tuple[int, int]) -> torch.Tensor:
         except (ValueError, OSError) as e:
             raise MassactError(f"token mask file {str(p)!r} cannot be read as a numeric array "
                                f"({e})") from None
-        return _binary(torch.from_numpy(np.asarray(arr)), f"token mask {p.name}")
+        return binary_mask(torch.from_numpy(np.asarray(arr)), f"token mask {p.name}")
     return mask_from_png(p, grid)
-
-
-def _binary(m: torch.Tensor, what: str) -> torch.Tensor:
-    """A bool mask from a bool or 0/1 array; anything else (a soft mask, 0/255) is refused.
-
-    ``.bool()`` alone would make every nonzero value inside: a soft mask of 0.1s covers the image.
-    """
-    if m.dtype == torch.bool:
-        return m
-    if m.is_complex():
-        raise MassactError(f"{what} is complex; accepted: a bool or 0/1 mask")
-    if not ((m == 0) | (m == 1)).all():
-        shown = sorted({float(v) for v in m.flatten()[:10_000].tolist()} - {0.0, 1.0})[:3]
-        raise MassactError(f"{what} has values other than 0 and 1 (e.g. {shown}); accepted: a bool or "
-                           "0/1 mask (threshold a soft mask first, e.g. m >= 0.5)")
-    return m == 1
 
 
 def segmentation_masks(

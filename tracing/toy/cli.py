@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from massact_nn.errors import MassactError
+from massact_nn.errors import MassactError, check_positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,22 +21,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--minutes", type=float, required=True, help="training time budget (total)")
     t.add_argument("--out", required=True, help="run folder (pipeline/, state.pt, train.log)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT (same settings); without it OUT must hold no run")
     t.set_defaults(func=_train)
 
     e = toy.add_parser("eval", help="judge accuracy and massive-activation summary")
     e.add_argument("dir", help="run folder or pipeline folder")
-    e.add_argument("--n", type=int, default=64, help="number of fresh prompts (default 64)")
+    e.add_argument("--n", type=int, default=64, help="number of fresh prompts, >= 1 (default 64)")
     e.add_argument("--seed", type=int, default=1234)
     e.add_argument("--judge", default=None, help="folder with judge.safetensors (default: DIR)")
     e.add_argument("--json", default=None, help="write the report here")
-    e.add_argument("--cfg", type=float, default=1.0, help="true-CFG scale (default 1: off)")
+    e.add_argument("--cfg", type=float, default=1.0, help="true-CFG scale, a number >= 1 (default 1: off)")
     e.set_defaults(func=_eval)
 
     x = toy.add_parser("export", help="copy a trained pipeline (+ judge) into the package assets")
     x.add_argument("ckpt_dir", help="run folder or pipeline folder")
-    x.add_argument("--dest", default=None, help="target folder (default: the shipped location)")
-    x.add_argument("--judge", default=None, help="folder with judge.safetensors")
+    x.add_argument("--dest", default=None,
+                   help="target folder, replaced as a whole: a new or empty folder or a previous "
+                        "toy export (default: the shipped location)")
+    x.add_argument("--judge", default=None,
+                   help="folder with judge.safetensors (default: the source's; else one is trained)")
     x.add_argument("--eval-n", type=int, default=64, help="evaluate after export (0: skip)")
     x.set_defaults(func=_export)
 
@@ -45,19 +49,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .train import check_minutes, train
 
-    if args.minutes <= 0:
-        raise MassactError(f"--minutes={args.minutes} is out of range; accepted: > 0")
+    check_minutes(args.minutes, "--minutes")
     summary = train(args.out, minutes=args.minutes, seed=args.seed, resume=args.resume)
     print(json.dumps(summary))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .evaluate import check_cfg_scale, evaluate
     from .export import resolve_pipeline
 
+    check_positive_int("--n", args.n)
+    check_cfg_scale(args.cfg, "--cfg")
     try:
         folder = resolve_pipeline(args.dir)
     except FileNotFoundError as err:

@@ -13,6 +13,7 @@ channel sets (1.0 = the same four channels for every prompt).
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from diffusers import FluxPipeline
 
 from massact_nn import world as W
 from massact_nn._io import save_json
-from massact_nn.errors import MassactError
+from massact_nn.errors import MassactError, check_positive_int
 
 from . import build
 from .judge import load_judge, score, train_judge
@@ -45,6 +46,27 @@ def eval_prompts(n: int = 64, seed: int = 1234) -> tuple[list[str], list[int]]:
     ]
     seeds = [int(s) for s in rng.integers(0, 2**31 - 1, n)]
     return captions, seeds
+
+
+def check_cfg_scale(cfg_scale: Any, name: str = "cfg_scale") -> float:
+    """``cfg_scale`` as a float, refusing anything but a finite number >= 1.
+
+    1 is no guidance (one transformer call per step); below 1 or NaN, :func:`generate` would
+    silently fall back to no guidance, so those are refused rather than ignored.
+
+    Raises:
+        MassactError: naming the value.
+    """
+    accepted = "a finite number >= 1 (1: no guidance, above 1: true classifier-free guidance)"
+    try:
+        if isinstance(cfg_scale, bool):
+            raise TypeError
+        value = float(cfg_scale)
+    except (TypeError, ValueError):
+        raise MassactError(f"{name}={cfg_scale!r} is not a number; accepted: {accepted}") from None
+    if not math.isfinite(value) or value < 1.0:
+        raise MassactError(f"{name}={cfg_scale!r} is out of range; accepted: {accepted}")
+    return value
 
 
 def _blocks(pipe: FluxPipeline) -> list[tuple[str, torch.nn.Module]]:
@@ -73,12 +95,22 @@ def generate(
         batch_size: prompts per pipeline call.
         cfg_scale: when > 1, true classifier-free guidance against the empty prompt
             (``true_cfg_scale``, two transformer calls per step, conditional first);
-            statistics then come from the conditional calls only.
+            statistics then come from the conditional calls only. 1 is off; accepted: a
+            finite number >= 1.
 
     Returns:
         ``(images, abs_means)``: images float32 [B, 3, H, W] in [-1, 1]; per block name the
         per-prompt abs_mean averaged over steps, float64 [B, D].
+
+    Raises:
+        MassactError: for a ``cfg_scale`` below 1 or not finite, a ``batch_size`` below 1, or
+            captions and seeds of different lengths.
     """
+    cfg_scale = check_cfg_scale(cfg_scale)
+    batch_size = check_positive_int("batch_size", batch_size)
+    if len(captions) != len(seeds):
+        raise MassactError(f"{len(captions)} captions but {len(seeds)} seeds; accepted: one seed "
+                           "per caption")
     call = dict(call or build.PIPELINE_DEFAULTS)
     calls_per_step = 1
     if cfg_scale > 1.0:
@@ -167,17 +199,24 @@ def evaluate(
 
     Args:
         folder: pipeline folder (a training run's ``pipeline/`` or the shipped folder).
-        n: number of prompts (one image each).
+        n: number of prompts (one image each), >= 1.
         seed: seed of the prompts and noise.
         judge_folder: where ``judge.safetensors`` lives (it must be there); default
             ``folder``, where a missing judge is trained on the spot (a few minutes) and saved.
         out_json: optional path of a JSON report.
         verbose: print a table.
-        cfg_scale: true-CFG scale (1: off, the shipped default); see :func:`generate`.
+        cfg_scale: true-CFG scale, a finite number >= 1 (1: off, the shipped default); see
+            :func:`generate`.
 
     Returns:
         ``{"judge": accuracies, "blocks": per-block summary, "max_top1_over_median": float, ...}``.
+
+    Raises:
+        MassactError: before any work, for ``n`` < 1, a ``cfg_scale`` below 1 or not finite,
+            or a named judge folder without a judge.
     """
+    n = check_positive_int("n", n)
+    cfg_scale = check_cfg_scale(cfg_scale)
     torch.set_num_threads(1)
     folder = Path(folder)
     jfolder = Path(judge_folder) if judge_folder else folder

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import massact_nn
+from massact_nn.errors import MassactError
 
 from . import build
 
@@ -21,6 +22,7 @@ MAX_BYTES = 25 * 1024 * 1024
 """Size limit of the shipped folder."""
 
 _ALLOWED_SUFFIXES = {".json", ".safetensors", ".txt", ".model"}
+_JUDGE_FILES = ("judge.safetensors", "judge.json")
 
 
 def shipped_path() -> Path:
@@ -63,6 +65,46 @@ def _record_checkpoint(src: Path, meta_path: Path) -> None:
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def is_export(folder: str | Path) -> bool:
+    """Whether ``folder`` looks like a toy export (``model_index.json`` and ``massact_toy.json``)."""
+    folder = Path(folder)
+    return (folder / "model_index.json").is_file() and (folder / build.DEFAULTS_FILE).is_file()
+
+
+def check_dest(dest: str | Path, source: str | Path | None = None) -> Path:
+    """The absolute export target, refusing one whose replacement would lose other files.
+
+    Accepted: a path that does not exist yet, an empty folder, or a previous toy export (see
+    :func:`is_export`), which the export replaces. Refused: a file, a non-empty folder that
+    is not a toy export, the filesystem root, the current folder or one above it, and a
+    folder inside ``source``.
+
+    Raises:
+        MassactError: naming the folder and what is accepted.
+    """
+    given = dest
+    dest = Path(dest).expanduser().resolve()
+    accepted = ("accepted: a new folder, an empty one, or a previous toy export "
+                "(with model_index.json and massact_toy.json), which the export replaces")
+    if not dest.name:
+        raise MassactError(f"dest {str(given)!r} is the filesystem root; {accepted}")
+    cwd = Path.cwd().resolve()
+    if dest == cwd or dest in cwd.parents:
+        raise MassactError(f"dest {str(given)!r} ({str(dest)!r}) is the current folder or holds it, "
+                           f"and the export would replace it; {accepted}, other than the current one")
+    if source is not None and Path(source).resolve() in dest.parents:
+        raise MassactError(f"dest {str(given)!r} lies inside the source {str(source)!r}; {accepted}, "
+                           "outside the source")
+    if dest.exists():
+        if not dest.is_dir():
+            raise MassactError(f"dest {str(dest)!r} is a file; {accepted}")
+        if any(dest.iterdir()) and not is_export(dest):
+            raise MassactError(f"dest {str(dest)!r} is not empty and holds no toy export (no "
+                               f"model_index.json and {build.DEFAULTS_FILE}): replacing it would "
+                               f"delete its files; {accepted}")
+    return dest
+
+
 def folder_bytes(folder: str | Path) -> int:
     """Total size of the files under ``folder``."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
@@ -74,14 +116,15 @@ def export(
     judge_folder: str | Path | None = None,
     evaluate_n: int = 0,
 ) -> dict[str, Any]:
-    """Copy a pipeline folder (and a judge) to ``dest``, replacing what was there.
+    """Copy a pipeline folder (and a judge) to ``dest``, replacing a previous export there.
 
     Args:
         source: a training run folder or a pipeline folder.
-        dest: target folder; default :func:`shipped_path`.
-        judge_folder: folder with ``judge.safetensors``; default: the source pipeline
-            folder, then its run folder's ``judge/``; when none is found a judge is trained
-            (2000 steps, a few minutes).
+        dest: target folder; default :func:`shipped_path`. It is replaced as a whole, so it
+            must be new, empty or a previous toy export (see :func:`check_dest`).
+        judge_folder: folder with ``judge.safetensors`` (it must hold one); default: the
+            source pipeline folder, then its run folder's ``judge/``; when neither holds one a
+            judge is trained (2000 steps, a few minutes).
         evaluate_n: when > 0, evaluate the exported folder on this many prompts and store
             the numbers in its ``massact_toy.json``.
 
@@ -89,12 +132,19 @@ def export(
         ``{"dest": str, "bytes": int, "report": evaluation or None}``.
 
     Raises:
+        MassactError: before any work, for a ``dest`` that :func:`check_dest` refuses or a
+            named ``judge_folder`` without a judge.
+        FileNotFoundError: if ``source`` holds no toy pipeline.
         ValueError: if the result would exceed :data:`MAX_BYTES`.
     """
     from .judge import load_judge, save_judge, train_judge
 
     src = resolve_pipeline(source)
-    dest = Path(dest) if dest else shipped_path()
+    dest = check_dest(dest if dest else shipped_path(), src)
+    if judge_folder and not all((Path(judge_folder) / f).is_file() for f in _JUDGE_FILES):
+        raise MassactError(f"no judge in {str(judge_folder)!r} (judge.safetensors and judge.json); "
+                           "accepted: a folder with a trained judge, or no judge folder (the "
+                           "source's judge is used, else one is trained)")
     tmp = dest.with_name(dest.name + ".export-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(
@@ -107,15 +157,15 @@ def export(
     # Leftovers of an interrupted checkpoint swap must not ship.
     for leftover in ("transformer.tmp", "transformer.old"):
         shutil.rmtree(tmp / leftover, ignore_errors=True)
-    candidates = [Path(judge_folder)] if judge_folder else [src, src.parent / "judge"]
-    for cand in candidates:
-        try:
-            net = load_judge(cand)
-            break
-        except FileNotFoundError:
-            continue
+    if judge_folder:  # a judge the caller named must be there (checked above), never made up
+        net = load_judge(judge_folder)
     else:
-        net = train_judge(log=lambda _m: None)
+        for cand in (src, src.parent / "judge"):
+            if all((cand / f).is_file() for f in _JUDGE_FILES):
+                net = load_judge(cand)
+                break
+        else:
+            net = train_judge(log=lambda _m: None)
     save_judge(net, tmp)
     _record_checkpoint(src, tmp / build.DEFAULTS_FILE)
     report = None
@@ -141,6 +191,7 @@ def export(
         )
     old = dest.with_name(dest.name + ".export-old")
     shutil.rmtree(old, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         os.replace(dest, old)
     os.replace(tmp, dest)

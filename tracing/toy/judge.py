@@ -21,6 +21,7 @@ from torch import nn
 
 from massact_nn import world as W
 from massact_nn._io import save_json, save_tensors
+from massact_nn.errors import MassactError
 
 ATTRIBUTES = ("fg_colour", "shape", "bg_colour")
 """Attributes the judge predicts, in head order."""
@@ -135,20 +136,66 @@ def load_judge(folder: str | Path) -> JudgeNet:
     return net.eval()
 
 
-def to_world_images(images: Any) -> torch.Tensor:
-    """Convert pipeline outputs to the world convention.
+_ACCEPTED = (
+    f"float [B, 3, {W.SIZE}, {W.SIZE}] in [-1, 1] (tensor or array), float numpy "
+    f"[B, {W.SIZE}, {W.SIZE}, 3] in [0, 1] (output_type='np'), or a list of PIL images"
+)
 
-    Accepts a list of PIL images, a numpy array [B, H, W, 3] in [0, 1] (``output_type="np"``)
-    or a tensor/array [B, 3, H, W] already in [-1, 1].
+
+def _describe(images: Any) -> str:
+    shape = tuple(getattr(images, "shape", ()))
+    dtype = getattr(images, "dtype", None)
+    return f"images given as {type(images).__name__} of shape {list(shape)}, dtype {dtype}"
+
+
+def to_world_images(images: Any) -> torch.Tensor:
+    """Convert pipeline outputs to the world convention, refusing what the judge cannot read.
+
+    Accepts a list of PIL images, a float numpy array [B, H, W, 3] in [0, 1]
+    (``output_type="np"``) or a float tensor/array [B, 3, H, W] already in [-1, 1], with
+    H = W = 32 (the world's size). Integer images (uint8 0..255) are refused rather than
+    rescaled: pass PIL images, or floats. The value range is not checked: an image in
+    [0, 1] where [-1, 1] is expected cannot be told apart reliably from a dark one, and is
+    misread silently, so convert with ``x * 2 - 1`` first.
 
     Shapes: -> [B, 3, H, W] float32 in [-1, 1].
+
+    Raises:
+        MassactError: naming the shape or dtype, for an integer or boolean input, an
+            unbatched image, an image of another size, or no images at all.
     """
-    if isinstance(images, Sequence) and not isinstance(images, np.ndarray):
+    if isinstance(images, Sequence) and not isinstance(images, (np.ndarray, str)):
+        if not images:
+            raise MassactError(f"cannot judge an empty list of images; accepted: {_ACCEPTED}")
+        bad = [type(im).__name__ for im in images if not hasattr(im, "convert")]
+        if bad:
+            raise MassactError(f"a list of {bad[0]} is not a list of PIL images; accepted: "
+                               f"{_ACCEPTED}")
         arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
-        return torch.from_numpy(arr).permute(0, 3, 1, 2) * 2.0 - 1.0
-    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[-1] == 3:
-        return torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2) * 2.0 - 1.0
-    return torch.as_tensor(images, dtype=torch.float32)
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2) * 2.0 - 1.0
+    else:
+        if not isinstance(images, (np.ndarray, torch.Tensor)):
+            raise MassactError(f"cannot judge images given as {type(images).__name__}; "
+                               f"accepted: {_ACCEPTED}")
+        floating = (
+            images.is_floating_point()
+            if isinstance(images, torch.Tensor)
+            else np.issubdtype(images.dtype, np.floating)
+        )
+        if not floating:
+            raise MassactError(f"cannot judge {_describe(images)}: not floating point (integer "
+                               f"images such as uint8 0..255 are not rescaled); accepted: {_ACCEPTED}")
+        if images.ndim != 4:
+            raise MassactError(f"cannot judge {_describe(images)}: not a batch [B, 3, H, W] "
+                               f"(add a batch dimension to a single image); accepted: {_ACCEPTED}")
+        if isinstance(images, np.ndarray) and images.shape[-1] == 3 and images.shape[1] != 3:
+            x = torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2) * 2.0 - 1.0
+        else:
+            x = torch.as_tensor(images, dtype=torch.float32)
+    if x.shape[0] == 0 or tuple(x.shape[1:]) != (3, W.SIZE, W.SIZE):
+        read = "" if tuple(x.shape) == tuple(getattr(images, "shape", ())) else f" (read as {list(x.shape)})"
+        raise MassactError(f"cannot judge {_describe(images)}{read}; accepted: {_ACCEPTED}")
+    return x
 
 
 @torch.no_grad()
@@ -156,11 +203,15 @@ def judge(images: Any, net: JudgeNet) -> dict[str, np.ndarray]:
     """Predicted attribute indices.
 
     Args:
-        images: anything :func:`to_world_images` accepts.
+        images: anything :func:`to_world_images` accepts (it names what that is, and the
+            caveat about the value range).
         net: a trained judge.
 
     Returns:
         ``{attr: int array [B]}`` for ``fg_colour``, ``shape``, ``bg_colour``.
+
+    Raises:
+        MassactError: for images :func:`to_world_images` refuses.
     """
     logits = net(to_world_images(images))
     return {k: v.argmax(-1).numpy() for k, v in logits.items()}
@@ -178,11 +229,24 @@ def score(
 
     Returns:
         Accuracy per attribute and ``all_three`` (all attributes right at once).
+
+    Raises:
+        MassactError: for images :func:`to_world_images` refuses, or targets that do not
+            give one value per image.
     """
     if not isinstance(targets, dict):
         parsed = [W.parse_caption(c) for c in targets]
         targets = {k: np.array([p[k] for p in parsed]) for k in ATTRIBUTES}
+    missing = [k for k in ATTRIBUTES if k not in targets]
+    if missing:
+        raise MassactError(f"targets lack {', '.join(missing)}; accepted: one world caption per "
+                           f"image, or a dict with {', '.join(ATTRIBUTES)}")
     pred = judge(images, net)
+    n = len(pred[ATTRIBUTES[0]])
+    sizes = {k: np.asarray(targets[k]).shape for k in ATTRIBUTES}
+    if any(size != (n,) for size in sizes.values()):
+        raise MassactError(f"{n} images but targets of shapes {sizes}; accepted: one target "
+                           "(caption or attribute index) per image")
     hits = {k: pred[k] == np.asarray(targets[k]) for k in ATTRIBUTES}
     out = {k: float(v.mean()) for k, v in hits.items()}
     out["all_three"] = float(np.logical_and.reduce([hits[k] for k in ATTRIBUTES]).mean())

@@ -31,6 +31,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from tqdm import tqdm
 
 from massact_nn import world as W
+from massact_nn.errors import MassactError
 
 from . import build
 
@@ -59,6 +60,73 @@ class TrainConfig:
     log_every: int = 50
     vae_seconds: float = 120.0
     transformer_overrides: dict[str, Any] | None = None
+
+
+RESUMABLE_KEYS = ("minutes", "checkpoint_minutes", "log_every")
+"""Config keys a resume may change: the budget and the bookkeeping cadence, never the model."""
+
+
+def check_minutes(minutes: Any, name: str = "minutes") -> float:
+    """``minutes`` as a float, refusing anything but a finite number > 0.
+
+    Raises:
+        MassactError: naming the value, for a non-number, NaN, infinity, zero or a negative.
+    """
+    try:
+        if isinstance(minutes, bool):
+            raise TypeError
+        value = float(minutes)
+    except (TypeError, ValueError):
+        raise MassactError(f"{name}={minutes!r} is not a number; accepted: a finite number of "
+                           "minutes > 0") from None
+    if not math.isfinite(value) or value <= 0:
+        raise MassactError(f"{name}={minutes!r} is out of range; accepted: a finite number of "
+                           "minutes > 0")
+    return value
+
+
+def _comparable(value: Any) -> Any:
+    """A config value with tuples as lists, so saved and requested values compare as JSON."""
+    return json.loads(json.dumps(value))
+
+
+def _config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """``key: saved vs requested`` for every config entry a resume must not change.
+
+    ``transformer_overrides`` compare as the transformer config they produce (``None``, ``{}``
+    and overrides equal to the defaults are the same model), entry by entry.
+    """
+    now = asdict(cfg)
+    diffs = []
+    for key in now:
+        if key in RESUMABLE_KEYS:
+            continue
+        if key == "transformer_overrides":
+            a = _comparable({**build.TRANSFORMER_CONFIG, **(saved.get(key) or {})})
+            b = _comparable({**build.TRANSFORMER_CONFIG, **(now[key] or {})})
+            diffs += [f"transformer_overrides[{k!r}]: saved {a.get(k)!r}, requested {b.get(k)!r}"
+                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif key not in saved:
+            diffs.append(f"{key}: not saved, requested {now[key]!r}")
+        elif _comparable(saved[key]) != _comparable(now[key]):
+            diffs.append(f"{key}: saved {saved[key]!r}, requested {now[key]!r}")
+    return diffs
+
+
+def _repair_transformer(out: Path) -> None:
+    """Finish a checkpoint swap a kill interrupted: put ``transformer.old`` back in place.
+
+    The swap moves ``transformer`` to ``transformer.old`` before moving the new folder in; a
+    kill between the two leaves ``transformer`` missing. The old folder is complete (the
+    weights themselves come from ``state.pt`` on resume and the next checkpoint rewrites it).
+    """
+    target = out / PIPELINE_DIR / "transformer"
+    old = target.with_name("transformer.old")
+    if not target.exists() and old.is_dir():
+        os.replace(old, target)
+    if target.exists():
+        shutil.rmtree(target.with_name("transformer.tmp"), ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def lr_factor(step: int, elapsed: float, cfg: TrainConfig) -> float:
@@ -171,33 +239,88 @@ def train(
         minutes: total training time budget, counted across resumes; the LR cooldown
             occupies its final ``cooldown_frac``.
         seed: seed of the world stream, noise, and every initialisation.
-        resume: continue from ``out_dir/state.pt`` when it exists.
+        resume: continue from ``out_dir/state.pt`` when it exists (a folder with only
+            ``pipeline/``, a run stopped before its first checkpoint, starts over). The run must
+            be resumed with its own configuration: only the keys in :data:`RESUMABLE_KEYS`
+            (the budget, the checkpoint and log cadence) may change. ``False``: a new run,
+            which needs a folder that holds no run (no ``state.pt``, no ``pipeline/``).
         progress: show a tqdm bar.
         **overrides: other :class:`TrainConfig` fields.
 
     Returns:
         Summary: steps, elapsed seconds, last smoothed loss.
+
+    Raises:
+        MassactError: before any work, for a budget that is not a finite number > 0, an
+            unknown option, a new run into a folder that holds one, a resume with another
+            configuration, or a run folder that cannot be resumed (``state.pt`` without a
+            complete ``pipeline/``). An interrupted checkpoint swap (``transformer.old`` left
+            in place of ``transformer``) is repaired on resume.
     """
-    torch.set_num_threads(1)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    minutes = check_minutes(minutes)
+    fields = [f for f in TrainConfig.__dataclass_fields__ if f not in ("minutes", "seed")]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise MassactError(f"unknown training option(s) {', '.join(unknown)}; accepted: "
+                           f"{', '.join(fields)}")
     cfg = TrainConfig(minutes=minutes, seed=seed, **overrides)
+    out = Path(out_dir)
+    state_path, pipe_dir = out / STATE_FILE, out / PIPELINE_DIR
+    held = [name for name, p in ((STATE_FILE, state_path), (PIPELINE_DIR + "/", pipe_dir)) if p.exists()]
+    if held and not resume:
+        raise MassactError(
+            f"{str(out)!r} already holds a toy run ({', '.join(held)}); accepted: resume=True "
+            "(CLI: --resume) to continue it, or a new or empty folder for a new run"
+        )
+    state = None
+    if resume and state_path.exists():
+        if not pipe_dir.is_dir():
+            raise MassactError(
+                f"{str(out)!r} holds {STATE_FILE} but no {PIPELINE_DIR}/ (its VAE and text encoders): "
+                "the run cannot be resumed; accepted: a run folder with both, or a new or empty "
+                "folder for a new run"
+            )
+        state = torch.load(state_path, weights_only=False)
+        diffs = _config_differences(state.get("config") or {}, cfg)
+        if diffs:
+            raise MassactError(
+                f"cannot resume {str(out)!r} with another configuration ({'; '.join(diffs)}); "
+                f"accepted: the saved run's values (only {', '.join(RESUMABLE_KEYS)} may change), "
+                "or a new folder for a new run"
+            )
+        _repair_transformer(out)
+        if not (pipe_dir / "transformer" / "config.json").is_file():
+            raise MassactError(
+                f"{str(pipe_dir / 'transformer')!r} is missing or incomplete (no transformer.old "
+                "to restore it "
+                "from): the run cannot be resumed; accepted: a run folder whose pipeline/ is "
+                "complete, or a new or empty folder for a new run"
+            )
+        built = json.loads((pipe_dir / "transformer" / "config.json").read_text())
+        wanted = _comparable({**build.TRANSFORMER_CONFIG, **(cfg.transformer_overrides or {})})
+        diffs = [f"{k}: {str(pipe_dir)!r} has {built.get(k)!r}, requested {v!r}"
+                 for k, v in wanted.items() if _comparable(built.get(k)) != v]
+        if diffs:
+            raise MassactError(
+                f"cannot resume {str(out)!r}: its transformer is not the configured one "
+                f"({'; '.join(diffs)}); accepted: transformer_overrides matching the saved "
+                "transformer, or a new folder for a new run"
+            )
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "train.log", "a", buffering=1)  # noqa: SIM115 - lives for the run
 
     def log(msg: str) -> None:
         logf.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
 
-    state_path = out / STATE_FILE
-    if not (resume and state_path.exists() and (out / PIPELINE_DIR).exists()):
+    if state is None:
         log(f"new run: {json.dumps(asdict(cfg))}")
         pipe = build.build_base(seed, vae_seconds=cfg.vae_seconds, log=log)
         if cfg.transformer_overrides:
             pipe.transformer = build.build_transformer(seed, **cfg.transformer_overrides)
-        build.save_pipeline(pipe, out / PIPELINE_DIR, {"train": asdict(cfg)})
-        state = None
+        build.save_pipeline(pipe, pipe_dir, {"train": asdict(cfg)})
     else:
-        pipe = FluxPipeline.from_pretrained(out / PIPELINE_DIR)
-        state = torch.load(state_path, weights_only=False)
+        pipe = FluxPipeline.from_pretrained(pipe_dir)
         done = f"{state['step']} ({state['elapsed'] / 60:.1f} min)"
         log(f"resume at step {done}: {json.dumps(asdict(cfg))}")
     model = pipe.transformer

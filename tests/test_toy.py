@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from _toy_config import TINY
 from diffusers import FluxPipeline
 from massact_nn.tracing.toy import build
 from massact_nn.tracing.toy import train as T
@@ -17,13 +18,6 @@ from massact_nn.tracing.toy.judge import load_judge, score
 
 from massact_nn import world as W
 
-TINY = {
-    "num_layers": 1,
-    "num_single_layers": 1,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "axes_dims_rope": (4, 6, 6),
-}
 TINY_RUN = {
     "progress": False,
     "vae_seconds": 2.0,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _toy_config import TINY
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from massact_nn.tracing.cli.main import main
 from massact_nn.tracing.toy import build
@@ -27,13 +28,6 @@ from massact_nn.tracing.toy import train as T
 from massact_nn import world as W
 from massact_nn.errors import MassactError
 
-TINY = {
-    "num_layers": 1,
-    "num_single_layers": 1,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "axes_dims_rope": (4, 6, 6),
-}
 KW = {
     "progress": False,
     "vae_seconds": 2.0,

@@ -242,3 +242,15 @@ def test_a_disruption_at_a_size_the_judge_cannot_read_runs_without_it(tmp_path):
                 DisruptionConfig(generation=GenerationConfig(steps=1, height=48, width=48), k=[1],
                                  random_draws=1, progress=False))
     assert d.meta["judge"] is False and all("judge" not in r for r in d.metrics["sets"].values())
+
+
+def test_missing_model_folders_are_named_as_folders_and_long_causes_cut_at_a_word():
+    from massact_nn.tracing.llm.model import load_llm
+    from massact_nn.tracing.model import hub_error
+
+    with pytest.raises(MassactError, match="model folder '/no/such/folder' does not exist; accepted: minilm"):
+        load_llm("/no/such/folder")
+    with pytest.raises(MassactError, match="unknown model 'nope'"):  # a bare name is no folder
+        load_llm("nope")
+    msg = str(hub_error("org/x", OSError("word " * 60)))
+    assert "(word word" in msg and "word ...);" in msg and "wor)" not in msg

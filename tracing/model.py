@@ -63,8 +63,10 @@ def resolve_model(spec: str | Path) -> str:
 def hub_error(spec: str, e: Exception) -> MassactError:
     """The one-line error for a ``--model`` that is no local folder and cannot be fetched."""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if len(first) > 200:  # at a word, not mid-word
+        first = first[:200].rsplit(" ", 1)[0] + " ..."
     return MassactError(
-        f"model {spec!r} is not a local folder, and as a Hub id it cannot be loaded ({first[:200]}); "
+        f"model {spec!r} is not a local folder, and as a Hub id it cannot be loaded ({first}); "
         "accepted: a diffusers pipeline folder (check the path), a Hub id in the local cache or "
         "reachable online, or 'toy'"
     )

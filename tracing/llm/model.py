@@ -163,6 +163,9 @@ def load_llm(spec: str | Path, device: str = "cpu", dtype: str | torch.dtype = "
     else:
         p = Path(s).expanduser()
         if not p.is_dir():
+            if "/" in s or s.startswith((".", "~")):  # meant as a folder: say that it is missing
+                raise MassactError(f"model folder {s!r} does not exist; accepted: "
+                                   f"{', '.join(BUILTIN)} or a local transformers model folder")
             raise choice_error("model", s, [*BUILTIN, "a local transformers model folder"])
         if not (p / "config.json").is_file():
             raise MassactError(

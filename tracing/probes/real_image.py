@@ -80,7 +80,9 @@ def image_tensor(model: Any, image: Any, height: int, width: int) -> torch.Tenso
     """
     pipe = _pipe(model)
     if isinstance(image, (str, Path)):
-        image = load_image(image)
+        image = load_image(image)  # upright RGB already
+    elif hasattr(image, "convert"):  # PIL: RGBA, grey or palette images have no 3 channels yet
+        image = upright(image).convert("RGB")
     if isinstance(image, (torch.Tensor, np.ndarray)):
         given = torch.as_tensor(image)
         t = given[None] if given.ndim == 3 else given
@@ -98,8 +100,6 @@ def image_tensor(model: Any, image: Any, height: int, width: int) -> torch.Tenso
             raise MassactError(f"image tensor values span [{lo:g}, {hi:g}]; accepted: [-1, 1] "
                                "(map [0, 1] images with 2 * x - 1)")
         return t
-    if hasattr(image, "convert"):  # PIL: RGBA, grey or palette images have no 3 channels yet
-        image = upright(image).convert("RGB")
     return pipe.image_processor.preprocess(image, height=height, width=width)
 
 

@@ -65,6 +65,10 @@ def _record_checkpoint(src: Path, meta_path: Path) -> None:
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def _has_judge(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in _JUDGE_FILES)
+
+
 def is_export(folder: str | Path) -> bool:
     """Whether ``folder`` looks like a toy export (``model_index.json`` and ``massact_toy.json``)."""
     folder = Path(folder)
@@ -141,7 +145,7 @@ def export(
 
     src = resolve_pipeline(source)
     dest = check_dest(dest if dest else shipped_path(), src)
-    if judge_folder and not all((Path(judge_folder) / f).is_file() for f in _JUDGE_FILES):
+    if judge_folder and not _has_judge(Path(judge_folder)):
         raise MassactError(f"no judge in {str(judge_folder)!r} (judge.safetensors and judge.json); "
                            "accepted: a folder with a trained judge, or no judge folder (the "
                            "source's judge is used, else one is trained)")
@@ -161,7 +165,7 @@ def export(
         net = load_judge(judge_folder)
     else:
         for cand in (src, src.parent / "judge"):
-            if all((cand / f).is_file() for f in _JUDGE_FILES):
+            if _has_judge(cand):
                 net = load_judge(cand)
                 break
         else:

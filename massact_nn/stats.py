@@ -17,6 +17,7 @@ import torch
 
 from ._io import load_json, load_tensors, save_json, save_tensors
 from .errors import MassactError, check_k, choice_error
+from .reduce import channel_sums
 from .selection import mean_pairwise_jaccard_fast, ratio_top1_median, top_k
 from .sites import Site, resolve_sites
 from .transfer import move_packed
@@ -93,7 +94,7 @@ class _Group:
     Shapes:
         sum_abs_m, sum_m, sum_mean_abs, max_abs: [sites, channels]; step_sum: [sites, steps,
         channels]; nonfinite: [sites, steps]. Per batch: prompt_sum, open_sum: [sites, prompts,
-        channels]; step_sets: [sites, prompts, steps, k]; bad_prompt: [sites].
+        channels]; step_sets: [sites, prompts, steps, k]. Over all batches: bad_prompt: [sites].
     """
 
     def __init__(self, n: int, channels: int, steps: int, per_step: bool, device: torch.device) -> None:
@@ -103,7 +104,9 @@ class _Group:
         self.sum_abs_m, self.sum_m, self.sum_mean_abs, self.max_abs = (z(n, channels) for _ in range(4))
         self.step_sum = z(n, steps, channels) if per_step else None
         self.nonfinite = torch.zeros(n, steps, dtype=torch.int32, device=device)
-        self.prompt_sum = self.open_sum = self.step_sets = self.bad_prompt = None
+        # Device prompt ids out of range, in any batch: read with the results, in their transfer.
+        self.bad_prompt = torch.zeros(n, dtype=torch.bool, device=device)
+        self.prompt_sum = self.open_sum = self.step_sets = None
         self.batch_top: torch.Tensor | None = None  # [sites, P, k]: this batch's per-prompt sets
         self.prompt_sets: list[torch.Tensor] = []  # [sites, P_batch, k] per finished batch
         self.step_sets_done: list[torch.Tensor] = []  # [sites, P_batch, steps, k] per finished batch
@@ -167,6 +170,7 @@ class StatsAccumulator:
         self._batch_prompts = 0
         self._folded = False
         self._failed: str | None = None  # why a batch failed: its rows are half counted
+        self._device_id_prompts: set[int] = set()  # batch sizes of updates with ids on the device
         self._aranges: dict[int, torch.Tensor] = {}
 
     def begin_batch(self, prompts: int) -> None:
@@ -182,7 +186,6 @@ class StatsAccumulator:
             g.prompt_sum = torch.zeros(n, prompts, c, device=dev)
             g.open_sum = torch.zeros(n, prompts, c, device=dev)
             g.step_sets = torch.zeros(n, prompts, self.steps, self.k, dtype=torch.long, device=dev)
-            g.bad_prompt = torch.zeros(n, dtype=torch.bool, device=dev)
             g.ready = 0
         for a in self._site.values():
             a.in_batch, a.last_step, a.open_step, a.closed = True, -1, None, set()
@@ -201,8 +204,8 @@ class StatsAccumulator:
                 prompt r, or prompt r % prompts when the rows are a multiple of the prompts
                 (``[uncond; cond]``). Rows of one prompt (e.g. its unconditional branch) count
                 as samples.
-                Ids on the CPU are range-checked at once; ids on the device at ``end_batch``
-                (reading them back at every call would stall the GPU).
+                Ids on the CPU are range-checked at once; ids on the device by ``result``, in its
+                one transfer (reading them back earlier would stall the GPU).
 
         Shapes:
             h: [rows, tokens, channels]; prompt_of_row: [rows].
@@ -232,19 +235,14 @@ class StatsAccumulator:
         elif tuple(prompt_of_row.shape) != (rows,):
             raise MassactError(f"site {module}: prompt_of_row has shape {tuple(prompt_of_row.shape)}; "
                                f"accepted: ({rows},), one prompt id per row")
+        elif prompt_of_row.device.type != "cpu":
+            self._device_id_prompts.add(P)
         elif prompt_of_row.device.type == "cpu":
             lo, hi = int(prompt_of_row.min()), int(prompt_of_row.max())
             if lo < 0 or hi >= self._batch_prompts:
                 raise MassactError(f"site {module}: prompt ids {prompt_of_row.tolist()} out of range; "
                                    f"accepted: 0..{self._batch_prompts - 1}")
-        # Four kernels, no float32 copy of h (a GPU reduces bf16/fp16 into float32 directly); a
-        # maximum is exact in h's own dtype. abs() then sum/amax rather than vector_norm(ord=1 /
-        # inf): on CPU the norm kernels over the token dim were 6-11x slower (1.0 ms vs 0.12 ms
-        # for [1, 1024, 256]), which alone cost 2.5% of a generation.
-        s = torch.sum(h, dim=1, dtype=torch.float32)  # [R, C]
-        habs = h.abs()
-        l1 = torch.sum(habs, dim=1, dtype=torch.float32)
-        linf = torch.amax(habs, dim=1)
+        s, l1, linf = channel_sums(h)
         # The ids are held until the fold: a copy, so the caller may reuse its buffer.
         ids = None if prompt_of_row is None else prompt_of_row.clone()
         a.hold(step, ids, (s, l1, linf), h.shape[1])
@@ -407,8 +405,9 @@ class StatsAccumulator:
         """Close a batch: keep each prompt's top-k set and per-step top-k sets.
 
         Raises:
-            MassactError: for prompt ids out of range or steps without activations. The batch's
-                rows are then partly counted, so the accumulator refuses further use.
+            MassactError: for steps without activations. The batch's rows are then partly
+                counted, so the accumulator refuses further use. (Prompt ids out of range that
+                were given on the device are reported by :meth:`result`.)
         """
         try:
             self._end_batch()
@@ -420,15 +419,11 @@ class StatsAccumulator:
 
     def _end_batch(self) -> None:
         self.fold()
-        # One read of the device flags for every site: prompt ids given on the device.
-        bad = torch.cat([g.bad_prompt for g in self._groups.values()]).cpu().tolist()
-        order = [a for g in self._groups.values() for a in g.sites]
-        for a in order:
+        # Nothing is read back here: prompt ids given on the device are checked by result(), in
+        # its one transfer. A read here would wait for the generation and leave the GPU idle
+        # through everything the host does after it.
+        for a in self._site.values():
             a.in_batch = False
-        for a, wrong in zip(order, bad):
-            if wrong:
-                raise MassactError(f"site {a.module}: a prompt_of_row id was out of range; accepted: "
-                                   f"0..{self._batch_prompts - 1}")
         for a in self._site.values():
             missing = sorted(set(range(self.steps)) - a.closed)
             if missing:
@@ -466,6 +461,17 @@ class StatsAccumulator:
         self._require_closed()
         self._raise_nonfinite(torch.cat([g.nonfinite for g in self._groups.values()]).cpu())
 
+    def _raise_bad_prompt(self, flags: torch.Tensor) -> None:
+        """Shapes: flags: [sites in group order]."""
+        order = [a.module for g in self._groups.values() for a in g.sites]
+        for module, wrong in zip(order, flags.tolist()):
+            if wrong:
+                sizes = sorted(self._device_id_prompts)
+                accepted = " or ".join(f"0..{p - 1}" for p in sizes) + (
+                    " (by batch size)" if len(sizes) > 1 else "")
+                self._failed = f"site {module}: a prompt_of_row id was out of range"
+                raise MassactError(f"{self._failed}; accepted: {accepted}")
+
     def _raise_nonfinite(self, flags: torch.Tensor, dtype: str | None = None) -> None:
         """Shapes: flags: [sites in group order, steps]."""
         order = [a.module for g in self._groups.values() for a in g.sites]
@@ -500,9 +506,11 @@ class StatsAccumulator:
                         ("sum_abs_m", "sum_mean_abs", "sum_m", "max_abs", "nonfinite")})
             if g.step_sum is not None:
                 dev[f"step_sum/{c}"] = g.step_sum
+            dev[f"bad_prompt/{c}"] = g.bad_prompt
             dev[f"prompt_topk/{c}"] = torch.cat(g.prompt_sets, 1)
             dev[f"step_topk/{c}"] = torch.cat(g.step_sets_done, 1)
         host = move_packed(dev, "cpu")  # one transfer, however many sites and dtypes
+        self._raise_bad_prompt(torch.cat([host[f"bad_prompt/{c}"] for c in self._groups]))
         self._raise_nonfinite(torch.cat([host[f"nonfinite/{c}"] for c in self._groups]),
                               (meta or {}).get("dtype"))
         # Divided per group, then split into per-site rows (views: a row per site costs no copy).

@@ -320,13 +320,33 @@ class _DeviceIds(torch.Tensor):
         return torch.device("meta")
 
 
-def test_prompt_ids_on_the_device_are_checked_at_end_batch():
+def test_prompt_ids_on_the_device_are_checked_by_result_without_an_earlier_read():
     acc = StatsAccumulator(SITES[:1], steps=1)
     acc.begin_batch(2)
     ids = torch.tensor([0, 5]).as_subclass(_DeviceIds)
     acc.update("blocks.0", 0, torch.ones(2, 3, 6), ids)
-    with pytest.raises(MassactError, match="prompt_of_row id was out of range; accepted: 0..1"):
+    acc.end_batch()  # no read of the device here: it would wait for the generation
+    acc.begin_batch(2)  # a later, correct batch does not hide the earlier one
+    acc.update("blocks.0", 0, torch.ones(2, 3, 6), torch.tensor([0, 1]).as_subclass(_DeviceIds))
+    acc.end_batch()
+    with pytest.raises(MassactError, match="site blocks.0: a prompt_of_row id was out of range; "
+                                           "accepted: 0..1$"):
+        acc.result()
+    with pytest.raises(MassactError, match="a batch of this accumulator failed"):
+        acc.result()  # its rows are partly counted: refused from now on
+
+
+def test_prompt_ids_on_the_device_in_range_give_the_cpu_ids_result():
+    results = []
+    for cls in (torch.Tensor, _DeviceIds):
+        acc = StatsAccumulator(SITES[:1], steps=1, k=2)
+        acc.begin_batch(2)
+        h = torch.arange(36.0).reshape(3, 2, 6)
+        acc.update("blocks.0", 0, h, torch.tensor([1, 0, 1]).as_subclass(cls))
         acc.end_batch()
+        results.append(acc.result())
+    for name in ("abs_mean", "mean_abs", "max_abs"):
+        assert torch.equal(results[0].stat(0, name), results[1].stat(0, name))
 
 
 def test_batch_order_is_enforced():

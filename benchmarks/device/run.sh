@@ -9,16 +9,7 @@
 #
 #   bash benchmarks/device/run.sh [WHEELS]    # default .whl
 set -o pipefail
-wheels="${1:-.whl}"
-site=/tmp/massact-site
-out="${OUT:-/tmp/massact-out}"
-mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$site" "$wheels"/*.whl || exit 3
-mkdir -p "$site/massact_nn"
-cp -r massact_nn/. "$site/massact_nn/" && cp -r tracing "$site/massact_nn/tracing" \
-    && cp -r viz "$site/massact_nn/viz"
-export PYTHONPATH="$site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+source "$(dirname "$0")/env.sh" "${1:-.whl}" || exit 3
 log="$out/gpu.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log"
 quiet() { grep -v -E "Loading|Writing model|torchvision"; }

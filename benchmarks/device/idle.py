@@ -1,0 +1,218 @@
+"""Where a GPU waits during a case: kernel busy time, idle gaps, and the host calls that block.
+
+A ratio in the timing table says *that* a case costs more than the plain pipeline, not *why*.
+This runs a few cases under ``torch.profiler`` on a CUDA device and prints, per case: wall time,
+the host's launch time (how long the host took to queue everything), the kernels' busy time, the
+device's idle time inside the run, and the blocking runtime calls (synchronisations, copies)
+with the library-or-diffusers operator that issued them. Also times the per-site reduction
+kernels of the statistics in isolation, in several formulations.
+
+    python benchmarks/device/idle.py --tokens 1024 4096 --out DIR     # CUDA only
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cases import CASES, PROMPT, Bench  # noqa: E402
+from run import build  # noqa: E402
+
+BLOCKING = ("Synchronize", "Memcpy", "Malloc", "Free", "HostAlloc")
+
+
+def access_only(b: Bench) -> None:
+    """Read every block's image output in an nnsight trace and do nothing with it."""
+    tr = b.model.transformer
+    blocks = list(tr.transformer_blocks) + list(tr.single_transformer_blocks)
+    with b.model.generate(PROMPT, **b.kwargs()) as tracer:
+        for _ in tracer.iter[: b.steps]:
+            for blk in blocks:
+                blk.output[1]
+
+
+def _stats_with(reduce) -> None:
+    import massact_nn.stats as st
+
+    def case(b: Bench) -> None:
+        saved, st.channel_sums = st.channel_sums, reduce
+        try:
+            CASES["stats"](b)
+        finally:
+            st.channel_sums = saved
+
+    return case
+
+
+def _variants() -> dict:
+    """The statistics with each reduction formulation of ``massact_nn.reduce``, to compare."""
+    import massact_nn.reduce as red
+
+    return {"stats_abs": _stats_with(red.channel_sums_abs),
+            "stats_norms": _stats_with(red.channel_sums_norms),
+            "stats_fused": _stats_with(red.channel_sums_fused)}
+
+
+def summarise_trace(path: Path) -> dict:
+    ev = json.loads(path.read_text())["traceEvents"]
+    device_cats = ("kernel", "gpu_memcpy", "gpu_memset")
+    kernels = sorted((e["ts"], e["dur"]) for e in ev if e.get("cat") in device_cats)
+    runtime = [e for e in ev if e.get("cat") == "cuda_runtime"]
+    ops = [e for e in ev if e.get("cat") == "cpu_op"]
+    start = min(e["ts"] for e in ops)
+    if not kernels:  # a CPU run (a smoke test of this script)
+        return {"wall_ms": (max(e["ts"] + e["dur"] for e in ops) - start) / 1e3}
+    end = max(k[0] + k[1] for k in kernels)
+    busy, gaps, last = 0.0, [], kernels[0][0]
+    for ts, dur in kernels:
+        if ts > last:
+            gaps.append((ts - last, last))
+        busy += max(0.0, ts + dur - max(ts, last))
+        last = max(last, ts + dur)
+    launch_end = max(e["ts"] + e["dur"] for e in runtime if "Launch" in e["name"])
+    blocking = Counter()
+    for e in runtime:
+        if any(b in e["name"] for b in BLOCKING) and e["dur"] > 20:
+            owner = [o for o in ops if o["tid"] == e["tid"] and o["ts"] <= e["ts"]
+                     and o["ts"] + o["dur"] >= e["ts"] + e["dur"]]
+            name = min(owner, key=lambda o: o["dur"])["name"] if owner else "?"
+            blocking[(e["name"], name)] += e["dur"]
+    gaps.sort(reverse=True)
+    return {
+        "wall_ms": (end - start) / 1e3,
+        "launch_ms": (launch_end - start) / 1e3,
+        "first_kernel_ms": (kernels[0][0] - start) / 1e3,
+        "busy_ms": busy / 1e3,
+        "idle_ms": (end - kernels[0][0] - busy) / 1e3,
+        "gaps_over_50us": sum(1 for g, _ in gaps if g > 50),
+        "top_gaps_us": [round(g) for g, _ in gaps[:8]],
+        "blocking_ms": {f"{k[0]} in {k[1]}": round(v / 1e3, 3) for k, v in blocking.most_common(8)},
+    }
+
+
+def profile_case(b: Bench, name: str, fn, out: Path, reps: int) -> dict:
+    for _ in range(2):
+        fn(b)
+    b.sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(b)
+        b.sync()
+        times.append(time.perf_counter() - t0)
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        fn(b)
+        b.sync()
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "t.json"
+        prof.export_chrome_trace(str(raw))
+        s = summarise_trace(raw)
+        with gzip.open(out / f"trace_{name}_{b.tokens}.json.gz", "wb") as f:
+            f.write(raw.read_bytes())
+    s["median_ms"] = statistics.median(times) * 1e3
+    return s
+
+
+def reductions(tokens: int, width: int, device: str, reps: int = 50) -> dict:
+    """Device time of one site's three channel reductions, per formulation (ms)."""
+    if not device.startswith("cuda"):
+        return {}
+    h = torch.randn(1, tokens, width, device=device, dtype=torch.bfloat16)
+    f32 = torch.float32
+    inf = float("inf")
+
+    def current():
+        a = h.abs()
+        return torch.sum(h, 1, dtype=f32), torch.sum(a, 1, dtype=f32), torch.amax(a, 1)
+
+    def norms():
+        return (torch.sum(h, 1, dtype=f32), torch.linalg.vector_norm(h, 1, dim=1, dtype=f32),
+                torch.linalg.vector_norm(h, inf, dim=1))
+
+    def aminmax():
+        lo, hi = torch.aminmax(h, dim=1)
+        return (torch.sum(h, 1, dtype=f32), torch.linalg.vector_norm(h, 1, dim=1, dtype=f32),
+                torch.maximum(-lo, hi))
+
+    from massact_nn.reduce import channel_sums_fused
+
+    def fused():
+        return channel_sums_fused(h)
+
+    def gemv():
+        hh = h[0]
+        return (hh.t() @ torch.ones(tokens, 1, device="cuda", dtype=h.dtype),
+                torch.linalg.vector_norm(h, 1, dim=1, dtype=f32), torch.linalg.vector_norm(h, inf, dim=1))
+
+    def sum_only():
+        return torch.sum(h, 1, dtype=f32)
+
+    out = {}
+    for name, fn in [("current", current), ("norms", norms), ("aminmax", aminmax), ("gemv", gemv),
+                     ("fused", fused), ("sum_only", sum_only)]:
+        for _ in range(5):
+            fn()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(reps):
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        out[name] = round(s.elapsed_time(e) / reps, 4)
+    ref = current()
+    for name, fn in [("norms", norms), ("aminmax", aminmax), ("fused", fused)]:
+        got = fn()
+        out[f"{name}_maxdiff"] = max(float((x.float() - y.float()).abs().max() / y.float().abs().max())
+                                     for x, y in zip(got, ref))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--width", type=int, default=3072)
+    p.add_argument("--blocks", type=int, nargs=2, default=[2, 4])
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--cases", nargs="+",
+                   default=["plain", "stats", "stats_norms", "stats_abs"])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cuda = args.device.startswith("cuda")
+    print(torch.cuda.get_device_name() if cuda else args.device, torch.__version__)
+    for t in args.tokens:
+        print(f"reductions at {t} tokens (ms per site):", reductions(t, args.width, args.device))
+    table = {**CASES, "access_only": access_only, **_variants()}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build(Path(tmp), args.width, tuple(args.blocks))
+        for t in args.tokens:
+            b = Bench.load(folder, t, args.steps, args.device, args.dtype)
+            for c in args.cases:
+                s = profile_case(b, c, table[c], args.out, args.reps)
+                results[f"{c}@{t}"] = s
+                print(f"{c}@{t}: " + json.dumps(s))
+            del b
+            if cuda:
+                torch.cuda.empty_cache()
+    (args.out / "profile.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

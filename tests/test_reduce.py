@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import massact_nn.reduce as red
+from massact_nn.errors import MassactError
 
 FORMS = [red.channel_sums_abs, red.channel_sums_norms, red.one_pass, red.channel_sums]
 
@@ -48,6 +49,7 @@ def test_a_failing_compiled_kernel_falls_back_once_with_a_warning(monkeypatch):
         raise RuntimeError("no triton here")
 
     monkeypatch.setattr(red, "_compiled", {"fused": broken})
+    monkeypatch.setattr(red, "FUSED", True)
     h = torch.empty(2, 16, 8, device="meta")  # not a CPU tensor: the GPU path is taken
     with pytest.warns(UserWarning, match="fused channel reduction failed.*no triton here"):
         s, l1, linf = red.channel_sums(h)
@@ -64,3 +66,25 @@ def test_fused_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(red, "FUSED", False)
     s, _, _ = red.channel_sums(torch.empty(1, 4, 3, device="meta"))
     assert s.shape == (1, 3)
+
+
+def test_auto_compiles_only_for_large_activations(monkeypatch):
+    used = []
+
+    def compiled(h):
+        used.append(h.numel())
+        return red.channel_sums_norms(h)
+
+    monkeypatch.setattr(red, "_compiled", {"fused": compiled})
+    monkeypatch.setattr(red, "FUSED", "auto")
+    monkeypatch.setattr(red, "FUSED_MIN", 1000)
+    red.channel_sums(torch.empty(1, 10, 99, device="meta"))  # 990 elements: eager
+    red.channel_sums(torch.empty(2, 10, 50, device="meta"))  # 1,000: compiled
+    red.channel_sums(torch.ones(2, 10, 50))  # on the CPU: never compiled
+    assert used == [1000]
+
+
+def test_an_unknown_fused_setting_is_refused(monkeypatch):
+    monkeypatch.setattr(red, "FUSED", "yes")
+    with pytest.raises(MassactError, match="FUSED='yes'; accepted: True, False, 'auto'"):
+        red.channel_sums(torch.empty(1, 4, 3, device="meta"))

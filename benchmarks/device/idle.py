@@ -7,7 +7,7 @@ device's idle time inside the run, and the blocking runtime calls (synchronisati
 with the library-or-diffusers operator that issued them. Also times the per-site reduction
 kernels of the statistics in isolation, in several formulations.
 
-    python benchmarks/device/idle.py --tokens 1024 4096 --out DIR     # CUDA only
+    python benchmarks/device/idle.py --tokens 1024 4096 --out DIR [--traces]    # CUDA
 """
 
 from __future__ import annotations
@@ -100,16 +100,27 @@ def summarise_trace(path: Path) -> dict:
     }
 
 
-def profile_case(b: Bench, name: str, fn, out: Path, reps: int) -> dict:
-    for _ in range(2):
-        fn(b)
+def time_cases(b: Bench, names: list[str], table: dict, reps: int) -> dict[str, float]:
+    """Median milliseconds per case, repetitions interleaved, before any profiling.
+
+    A profiler session leaves the process slower afterwards (its callbacks), so nothing timed
+    here may follow one.
+    """
+    for c in names:
+        for _ in range(2):
+            table[c](b)
     b.sync()
-    times = []
+    times: dict[str, list[float]] = {c: [] for c in names}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn(b)
-        b.sync()
-        times.append(time.perf_counter() - t0)
+        for c in names:
+            t0 = time.perf_counter()
+            table[c](b)
+            b.sync()
+            times[c].append(time.perf_counter() - t0)
+    return {c: statistics.median(v) * 1e3 for c, v in times.items()}
+
+
+def profile_case(b: Bench, name: str, fn, out: Path | None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.device.startswith("cuda") else [])
@@ -120,9 +131,9 @@ def profile_case(b: Bench, name: str, fn, out: Path, reps: int) -> dict:
         raw = Path(tmp) / "t.json"
         prof.export_chrome_trace(str(raw))
         s = summarise_trace(raw)
-        with gzip.open(out / f"trace_{name}_{b.tokens}.json.gz", "wb") as f:
-            f.write(raw.read_bytes())
-    s["median_ms"] = statistics.median(times) * 1e3
+        if out is not None:
+            with gzip.open(out / f"trace_{name}_{b.tokens}.json.gz", "wb") as f:
+                f.write(raw.read_bytes())
     return s
 
 
@@ -165,13 +176,22 @@ def reductions(tokens: int, width: int, device: str, reps: int = 50) -> dict:
                      ("fused", fused), ("sum_only", sum_only)]:
         for _ in range(5):
             fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        host = (time.perf_counter() - t0) / reps * 1e3
+        # Device time alone: the calls are queued behind a sleeping kernel, so the host's launch
+        # cost (large for a compiled function) does not leave gaps between them.
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(2e8))
         s.record()
         for _ in range(reps):
             fn()
         e.record()
         torch.cuda.synchronize()
-        out[name] = round(s.elapsed_time(e) / reps, 4)
+        out[name] = {"device": round(s.elapsed_time(e) / reps, 4), "wall": round(host, 4)}
     ref = current()
     for name, fn in [("norms", norms), ("aminmax", aminmax), ("fused", fused)]:
         got = fn()
@@ -192,22 +212,29 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--traces", action="store_true", help="also keep each profile (Chrome trace, gzip)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cuda = args.device.startswith("cuda")
     print(torch.cuda.get_device_name() if cuda else args.device, torch.__version__)
     for t in args.tokens:
-        print(f"reductions at {t} tokens (ms per site):", reductions(t, args.width, args.device))
+        red = reductions(t, args.width, args.device)
+        print(f"reductions at {t} tokens (ms per site; device: GPU time, wall: with launches): {red}")
     table = {**CASES, "access_only": access_only, **_variants()}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = build(Path(tmp), args.width, tuple(args.blocks))
         for t in args.tokens:
             b = Bench.load(folder, t, args.steps, args.device, args.dtype)
+            medians = time_cases(b, args.cases, table, args.reps)
+            plain = medians.get("plain")
+            for c, ms in medians.items():
+                ratio = f"  x{ms / plain:.3f}" if plain else ""
+                print(f"{c}@{t}: median {ms:.2f} ms{ratio}")
             for c in args.cases:
-                s = profile_case(b, c, table[c], args.out, args.reps)
+                s = {**profile_case(b, c, table[c], args.out if args.traces else None), "median_ms": medians[c]}
                 results[f"{c}@{t}"] = s
-                print(f"{c}@{t}: " + json.dumps(s))
+                print(f"{c}@{t} profiled: " + json.dumps(s))
             del b
             if cuda:
                 torch.cuda.empty_cache()

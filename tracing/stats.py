@@ -55,7 +55,10 @@ def collect_stats(
     """Measure ``abs_mean``, ``mean_abs`` and ``max_abs`` per channel at every site.
 
     The reductions run inside the trace on the model's device, one site at a time, and only
-    [channels]-sized sums are kept (see :class:`massact_nn.stats.StatsAccumulator`).
+    [channels]-sized sums are kept (see :class:`massact_nn.stats.StatsAccumulator`). On a GPU,
+    activations of 4,096 × 3,072 elements or more (FLUX.1 at 1024²) are reduced by one compiled
+    kernel, built on the first call (a few seconds, once per process and shape; see
+    :mod:`massact_nn.reduce`, whose ``FUSED = False`` keeps everything eager).
 
     Args:
         model: An nnsight ``DiffusionModel`` (yours, or from :func:`load_model`).

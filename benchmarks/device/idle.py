@@ -232,7 +232,8 @@ def main() -> None:
                 ratio = f"  x{ms / plain:.3f}" if plain else ""
                 print(f"{c}@{t}: median {ms:.2f} ms{ratio}")
             for c in args.cases:
-                s = {**profile_case(b, c, table[c], args.out if args.traces else None), "median_ms": medians[c]}
+                keep = args.out if args.traces else None
+                s = {**profile_case(b, c, table[c], keep), "median_ms": medians[c]}
                 results[f"{c}@{t}"] = s
                 print(f"{c}@{t} profiled: " + json.dumps(s))
             del b

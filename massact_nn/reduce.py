@@ -2,19 +2,19 @@
 
 Every formulation returns the same three ``[rows, channels]`` tensors (sum and sum of absolute
 values in float32, largest absolute value in the input's dtype) and never makes a float32 copy
-of the activations. They differ only in speed, which depends on the device and the size:
+of the activations. They differ only in speed, which depends on the device:
 
 - CPU: :func:`channel_sums_abs` (one ``abs()`` copy, then plain reductions).
-- GPU: :func:`channel_sums_norms`, three eager reductions that each read the activations once;
-  or :func:`channel_sums_fused`, one compiled kernel (``torch.compile``, Triton) that reads them
-  once. Measured in a generation on an H200 at [1, 4096, 3072] bf16: 0.019 ms of GPU time per
-  site for the compiled kernel against 0.058 ms for the eager norms, but about 0.07 ms more host
-  time per call (guards and the compiled wrapper) and a compilation of a few seconds per process
-  and shape. The GPU time matters where the GPU is the bottleneck (large token counts), the host
-  time where the host is (small ones).
+- GPU: :func:`channel_sums_norms`, three eager reductions that each read the activations once
+  (the default); or, with ``FUSED = True``, :func:`channel_sums_fused`: one compiled reduction
+  (``torch.compile``, Triton; it ran as three small kernels) that reads them once.
 
-``FUSED`` picks: ``"auto"`` (default) compiles for activations of at least ``FUSED_MIN`` elements
-on a GPU with Triton, ``True`` for every GPU tensor, ``False`` never.
+Measured on [1, 4096, 3072] bf16 (``benchmarks/README.md``): in a generation on an H200 the
+compiled reduction took 0.019 ms of GPU time per site against 0.057 ms for the eager norms, but
+a call costs about 0.08 ms more host time (guards and the compiled wrapper), and it compiles
+for a few seconds per process and shape. Whether that pays depends on whether the GPU or the
+host is the bottleneck; no interleaved comparison of whole generations has settled it yet, so
+it is off by default.
 """
 
 from __future__ import annotations
@@ -29,12 +29,8 @@ from .errors import MassactError
 
 Sums = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
-FUSED: bool | str = "auto"
-"""Use the compiled one-pass GPU kernel: ``"auto"`` (for large activations), True or False."""
-
-FUSED_MIN = 4096 * 3072
-"""``"auto"``'s threshold in elements: 4,096 tokens of a width-3,072 model (FLUX.1 at 1024²).
-Below it a Flux block's GPU time is short enough that the host's extra time per call shows."""
+FUSED: bool = False
+"""Reduce GPU activations with the compiled one-pass reduction (:func:`channel_sums_fused`)."""
 
 _compiled: dict[str, Callable[[torch.Tensor], Sums] | None] = {}
 
@@ -43,23 +39,32 @@ def channel_sums(h: torch.Tensor) -> Sums:
     """Per row and channel: the sum, the sum of absolute values and the largest absolute value.
 
     Args:
-        h: Activations; any float dtype, any device.
+        h: Activations; a floating dtype, any device.
 
     Returns:
         ``(sum, abs_sum, abs_max)``: sums in float32, the maximum in ``h``'s dtype (exact there).
 
+    Raises:
+        MassactError: for a shape other than [rows, tokens, channels] with at least one token,
+            a non-floating dtype, or a ``FUSED`` other than True or False.
+
     Shapes:
         h: [rows, tokens, channels] -> three [rows, channels].
     """
+    if FUSED is not True and FUSED is not False:
+        raise MassactError(f"massact_nn.reduce.FUSED={FUSED!r}; accepted: True, False")
+    if h.ndim != 3 or h.shape[1] < 1:
+        raise MassactError(f"activations of shape {tuple(h.shape)}; accepted: [rows, tokens >= 1, "
+                           "channels]")
+    if not h.is_floating_point():
+        raise MassactError(f"activations of dtype {h.dtype}; accepted: a floating dtype")
     if h.device.type == "cpu":
         return channel_sums_abs(h)
-    if FUSED not in (True, False, "auto"):
-        raise MassactError(f"massact_nn.reduce.FUSED={FUSED!r}; accepted: True, False, 'auto'")
-    fused = _fused() if FUSED is True or (FUSED == "auto" and h.numel() >= FUSED_MIN) else None
+    fused = _fused() if FUSED else None
     if fused is not None:
         try:
             return fused(h)
-        except Exception as e:  # a compiler or driver problem must not stop a measurement
+        except Exception as e:  # the input is valid (checked above): a compiler or driver problem
             _compiled["fused"] = None
             warnings.warn(f"massact_nn: the fused channel reduction failed ({type(e).__name__}: "
                           f"{str(e)[:200]}); using eager reductions from now on", stacklevel=2)
@@ -81,7 +86,7 @@ def channel_sums_abs(h: torch.Tensor) -> Sums:
 
 
 def channel_sums_norms(h: torch.Tensor) -> Sums:
-    """:func:`channel_sums` as three reductions of ``h`` itself: the eager form for a GPU.
+    """:func:`channel_sums` as three reductions of ``h`` itself: the GPU default.
 
     Each norm reads ``h`` once and writes nothing, where ``abs()`` writes a copy and reads it
     back twice: 0.059 ms against 0.090 ms for [1, 4096, 3072] bf16 on an H100.
@@ -97,8 +102,8 @@ def channel_sums_norms(h: torch.Tensor) -> Sums:
 def one_pass(h: torch.Tensor) -> Sums:
     """The body of :func:`channel_sums_fused`, written for the compiler.
 
-    Eagerly it makes float32 copies; compiled, the upcast and ``abs`` are fused into a single
-    reduction kernel that reads ``h`` once. Tests run it eagerly as the reference of that kernel.
+    Eagerly it makes float32 copies; compiled, the upcast and ``abs`` are fused into the
+    reduction, which reads ``h`` once. Tests run it eagerly as the reference of that kernel.
 
     Shapes:
         h: [rows, tokens, channels] -> three [rows, channels].
@@ -109,7 +114,7 @@ def one_pass(h: torch.Tensor) -> Sums:
 
 
 def channel_sums_fused(h: torch.Tensor) -> Sums:
-    """:func:`channel_sums` as one compiled GPU kernel; eager :func:`channel_sums_norms` without one.
+    """:func:`channel_sums` compiled for a GPU; eager :func:`channel_sums_norms` where it cannot be.
 
     Shapes:
         h: [rows, tokens, channels] -> three [rows, channels].

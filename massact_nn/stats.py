@@ -94,7 +94,8 @@ class _Group:
     Shapes:
         sum_abs_m, sum_m, sum_mean_abs, max_abs: [sites, channels]; step_sum: [sites, steps,
         channels]; nonfinite: [sites, steps]. Per batch: prompt_sum, open_sum: [sites, prompts,
-        channels]; step_sets: [sites, prompts, steps, k]. Over all batches: bad_prompt: [sites].
+        channels]; step_sets: [sites, prompts, steps, k]; bad_prompt: [sites]. Kept per finished
+        batch: bad_sets: [sites] each.
     """
 
     def __init__(self, n: int, channels: int, steps: int, per_step: bool, device: torch.device) -> None:
@@ -104,9 +105,9 @@ class _Group:
         self.sum_abs_m, self.sum_m, self.sum_mean_abs, self.max_abs = (z(n, channels) for _ in range(4))
         self.step_sum = z(n, steps, channels) if per_step else None
         self.nonfinite = torch.zeros(n, steps, dtype=torch.int32, device=device)
-        # Device prompt ids out of range, in any batch: read with the results, in their transfer.
-        self.bad_prompt = torch.zeros(n, dtype=torch.bool, device=device)
-        self.prompt_sum = self.open_sum = self.step_sets = None
+        self.prompt_sum = self.open_sum = self.step_sets = self.bad_prompt = None
+        # Device prompt ids out of range, per batch: read with the results, in their transfer.
+        self.bad_sets: list[torch.Tensor] = []
         self.batch_top: torch.Tensor | None = None  # [sites, P, k]: this batch's per-prompt sets
         self.prompt_sets: list[torch.Tensor] = []  # [sites, P_batch, k] per finished batch
         self.step_sets_done: list[torch.Tensor] = []  # [sites, P_batch, steps, k] per finished batch
@@ -170,7 +171,7 @@ class StatsAccumulator:
         self._batch_prompts = 0
         self._folded = False
         self._failed: str | None = None  # why a batch failed: its rows are half counted
-        self._device_id_prompts: set[int] = set()  # batch sizes of updates with ids on the device
+        self._batch_sizes: list[int] = []  # prompts of each finished batch
         self._aranges: dict[int, torch.Tensor] = {}
 
     def begin_batch(self, prompts: int) -> None:
@@ -186,6 +187,7 @@ class StatsAccumulator:
             g.prompt_sum = torch.zeros(n, prompts, c, device=dev)
             g.open_sum = torch.zeros(n, prompts, c, device=dev)
             g.step_sets = torch.zeros(n, prompts, self.steps, self.k, dtype=torch.long, device=dev)
+            g.bad_prompt = torch.zeros(n, dtype=torch.bool, device=dev)
             g.ready = 0
         for a in self._site.values():
             a.in_batch, a.last_step, a.open_step, a.closed = True, -1, None, set()
@@ -222,9 +224,10 @@ class StatsAccumulator:
             raise MassactError(f"site {module}: step {step} after step {a.last_step}; accepted: "
                                "ascending steps within a batch")
         g = a.group
-        if h.ndim != 3 or h.shape[-1] != g.channels or h.shape[0] < 1:
+        if h.ndim != 3 or h.shape[-1] != g.channels or h.shape[0] < 1 or h.shape[1] < 1:
             raise MassactError(
-                f"site {module}: expected image tokens [rows, tokens, {g.channels}], got {tuple(h.shape)}"
+                f"site {module}: expected image tokens [rows >= 1, tokens >= 1, {g.channels}], "
+                f"got {tuple(h.shape)}"
             )
         rows = h.shape[0]
         P = self._batch_prompts
@@ -235,8 +238,6 @@ class StatsAccumulator:
         elif tuple(prompt_of_row.shape) != (rows,):
             raise MassactError(f"site {module}: prompt_of_row has shape {tuple(prompt_of_row.shape)}; "
                                f"accepted: ({rows},), one prompt id per row")
-        elif prompt_of_row.device.type != "cpu":
-            self._device_id_prompts.add(P)
         elif prompt_of_row.device.type == "cpu":
             lo, hi = int(prompt_of_row.min()), int(prompt_of_row.max())
             if lo < 0 or hi >= self._batch_prompts:
@@ -435,7 +436,9 @@ class StatsAccumulator:
             # Kept on the device until result(): one transfer for everything.
             g.prompt_sets.append(g.batch_top)
             g.step_sets_done.append(g.step_sets)
-            g.prompt_sum = g.open_sum = g.step_sets = g.batch_top = None
+            g.bad_sets.append(g.bad_prompt)
+            g.prompt_sum = g.open_sum = g.step_sets = g.batch_top = g.bad_prompt = None
+        self._batch_sizes.append(self._batch_prompts)
         self._folded = False
 
     def _require_usable(self) -> None:
@@ -462,15 +465,15 @@ class StatsAccumulator:
         self._raise_nonfinite(torch.cat([g.nonfinite for g in self._groups.values()]).cpu())
 
     def _raise_bad_prompt(self, flags: torch.Tensor) -> None:
-        """Shapes: flags: [sites in group order]."""
+        """Shapes: flags: [batches, sites in group order]."""
         order = [a.module for g in self._groups.values() for a in g.sites]
-        for module, wrong in zip(order, flags.tolist()):
-            if wrong:
-                sizes = sorted(self._device_id_prompts)
-                accepted = " or ".join(f"0..{p - 1}" for p in sizes) + (
-                    " (by batch size)" if len(sizes) > 1 else "")
-                self._failed = f"site {module}: a prompt_of_row id was out of range"
-                raise MassactError(f"{self._failed}; accepted: {accepted}")
+        for b, row in enumerate(flags.tolist()):
+            for module, wrong in zip(order, row):
+                if wrong:
+                    p = self._batch_sizes[b]
+                    self._failed = (f"site {module}: a prompt_of_row id was out of range in batch {b} "
+                                    f"({p} prompts)")
+                    raise MassactError(f"{self._failed}; accepted: 0..{p - 1}")
 
     def _raise_nonfinite(self, flags: torch.Tensor, dtype: str | None = None) -> None:
         """Shapes: flags: [sites in group order, steps]."""
@@ -506,11 +509,11 @@ class StatsAccumulator:
                         ("sum_abs_m", "sum_mean_abs", "sum_m", "max_abs", "nonfinite")})
             if g.step_sum is not None:
                 dev[f"step_sum/{c}"] = g.step_sum
-            dev[f"bad_prompt/{c}"] = g.bad_prompt
+            dev[f"bad_prompt/{c}"] = torch.stack(g.bad_sets)
             dev[f"prompt_topk/{c}"] = torch.cat(g.prompt_sets, 1)
             dev[f"step_topk/{c}"] = torch.cat(g.step_sets_done, 1)
         host = move_packed(dev, "cpu")  # one transfer, however many sites and dtypes
-        self._raise_bad_prompt(torch.cat([host[f"bad_prompt/{c}"] for c in self._groups]))
+        self._raise_bad_prompt(torch.cat([host[f"bad_prompt/{c}"] for c in self._groups], 1))
         self._raise_nonfinite(torch.cat([host[f"nonfinite/{c}"] for c in self._groups]),
                               (meta or {}).get("dtype"))
         # Divided per group, then split into per-site rows (views: a row per site costs no copy).

@@ -68,23 +68,25 @@ def test_fused_can_be_switched_off(monkeypatch):
     assert s.shape == (1, 3)
 
 
-def test_auto_compiles_only_for_large_activations(monkeypatch):
-    used = []
-
-    def compiled(h):
-        used.append(h.numel())
-        return red.channel_sums_norms(h)
-
-    monkeypatch.setattr(red, "_compiled", {"fused": compiled})
-    monkeypatch.setattr(red, "FUSED", "auto")
-    monkeypatch.setattr(red, "FUSED_MIN", 1000)
-    red.channel_sums(torch.empty(1, 10, 99, device="meta"))  # 990 elements: eager
-    red.channel_sums(torch.empty(2, 10, 50, device="meta"))  # 1,000: compiled
-    red.channel_sums(torch.ones(2, 10, 50))  # on the CPU: never compiled
-    assert used == [1000]
+def test_an_unknown_fused_setting_is_refused_on_every_device(monkeypatch):
+    for bad in ("yes", 1, "auto"):
+        monkeypatch.setattr(red, "FUSED", bad)
+        for dev in ("cpu", "meta"):
+            with pytest.raises(MassactError, match=f"FUSED={bad!r}; accepted: True, False"):
+                red.channel_sums(torch.zeros(1, 4, 3, device=dev))
 
 
-def test_an_unknown_fused_setting_is_refused(monkeypatch):
-    monkeypatch.setattr(red, "FUSED", "yes")
-    with pytest.raises(MassactError, match="FUSED='yes'; accepted: True, False, 'auto'"):
-        red.channel_sums(torch.empty(1, 4, 3, device="meta"))
+@pytest.mark.parametrize("dev", ["cpu", "meta"])
+def test_bad_activations_are_refused_before_any_kernel(monkeypatch, dev):
+    def never(h):
+        raise AssertionError("the compiled kernel saw an invalid input")
+
+    monkeypatch.setattr(red, "_compiled", {"fused": never})
+    monkeypatch.setattr(red, "FUSED", True)
+    with pytest.raises(MassactError, match=r"shape \(1, 0, 3\); accepted: \[rows, tokens >= 1"):
+        red.channel_sums(torch.zeros(1, 0, 3, device=dev))
+    with pytest.raises(MassactError, match=r"shape \(4, 3\)"):
+        red.channel_sums(torch.zeros(4, 3, device=dev))
+    with pytest.raises(MassactError, match="dtype torch.int64; accepted: a floating dtype"):
+        red.channel_sums(torch.zeros(1, 4, 3, dtype=torch.long, device=dev))
+    assert red._compiled["fused"] is never  # not dropped: the input was at fault, not the compiler

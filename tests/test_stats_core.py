@@ -183,8 +183,11 @@ def test_bad_inputs_are_named():
     acc.begin_batch(1)
     with pytest.raises(MassactError, match=r"unknown site 'blocks\.9'; accepted: blocks\.0, blocks\.1"):
         acc.update("blocks.9", 0, torch.zeros(1, 2, 6))
-    with pytest.raises(MassactError, match=r"expected image tokens \[rows, tokens, 6\]"):
+    with pytest.raises(MassactError, match=r"expected image tokens \[rows >= 1, tokens >= 1, 6\], "
+                                           r"got \(1, 2, 5\)"):
         acc.update("blocks.0", 0, torch.zeros(1, 2, 5))
+    with pytest.raises(MassactError, match=r"tokens >= 1, 6\], got \(1, 0, 6\)"):
+        acc.update("blocks.0", 0, torch.zeros(1, 0, 6))  # no tokens: no mean to take
     with pytest.raises(MassactError, match="fewer transformer calls"):
         acc.end_batch()
     with pytest.raises(MassactError, match="unknown site 'nope'"):
@@ -323,14 +326,16 @@ class _DeviceIds(torch.Tensor):
 def test_prompt_ids_on_the_device_are_checked_by_result_without_an_earlier_read():
     acc = StatsAccumulator(SITES[:1], steps=1)
     acc.begin_batch(2)
-    ids = torch.tensor([0, 5]).as_subclass(_DeviceIds)
-    acc.update("blocks.0", 0, torch.ones(2, 3, 6), ids)
+    acc.update("blocks.0", 0, torch.ones(2, 3, 6), torch.tensor([0, 1]).as_subclass(_DeviceIds))
     acc.end_batch()  # no read of the device here: it would wait for the generation
-    acc.begin_batch(2)  # a later, correct batch does not hide the earlier one
+    acc.begin_batch(3)  # a bad batch after a good one, of another size, is named
+    acc.update("blocks.0", 0, torch.ones(2, 3, 6), torch.tensor([0, 5]).as_subclass(_DeviceIds))
+    acc.end_batch()
+    acc.begin_batch(2)  # and a later, correct batch does not hide it
     acc.update("blocks.0", 0, torch.ones(2, 3, 6), torch.tensor([0, 1]).as_subclass(_DeviceIds))
     acc.end_batch()
-    with pytest.raises(MassactError, match="site blocks.0: a prompt_of_row id was out of range; "
-                                           "accepted: 0..1$"):
+    with pytest.raises(MassactError, match=r"site blocks.0: a prompt_of_row id was out of range in "
+                                           r"batch 1 \(3 prompts\); accepted: 0..2$"):
         acc.result()
     with pytest.raises(MassactError, match="a batch of this accumulator failed"):
         acc.result()  # its rows are partly counted: refused from now on

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,15 +42,18 @@ def access_only(b: Bench) -> None:
                 blk.output[1]
 
 
-def _stats_with(reduce) -> None:
+def _stats_with(reduce: Callable | None = None, fused: bool = False) -> Callable[[Bench], None]:
+    """The statistics case with another reduction function, or with ``reduce.FUSED`` set."""
+    import massact_nn.reduce as red
     import massact_nn.stats as st
 
     def case(b: Bench) -> None:
-        saved, st.channel_sums = st.channel_sums, reduce
+        saved = st.channel_sums, red.FUSED
+        st.channel_sums, red.FUSED = reduce or saved[0], fused
         try:
             CASES["stats"](b)
         finally:
-            st.channel_sums = saved
+            st.channel_sums, red.FUSED = saved
 
     return case
 
@@ -58,9 +62,9 @@ def _variants() -> dict:
     """The statistics with each reduction formulation of ``massact_nn.reduce``, to compare."""
     import massact_nn.reduce as red
 
-    return {"stats_abs": _stats_with(red.channel_sums_abs),
-            "stats_norms": _stats_with(red.channel_sums_norms),
-            "stats_fused": _stats_with(red.channel_sums_fused)}
+    return {"stats_abs": _stats_with(red.channel_sums_abs),  # the CPU's kernels
+            "stats_norms": _stats_with(red.channel_sums_norms),  # the GPU default, forced
+            "stats_fused": _stats_with(fused=True)}  # the library's own switch
 
 
 def summarise_trace(path: Path) -> dict:
@@ -79,7 +83,9 @@ def summarise_trace(path: Path) -> dict:
             gaps.append((ts - last, last))
         busy += max(0.0, ts + dur - max(ts, last))
         last = max(last, ts + dur)
-    launch_end = max(e["ts"] + e["dur"] for e in runtime if "Launch" in e["name"])
+    # Triton launches through the driver API (cuLaunchKernel), eager kernels through the runtime.
+    launches = [e for e in ev if e.get("cat") in ("cuda_runtime", "cuda_driver") and "Launch" in e["name"]]
+    launch_end = max(e["ts"] + e["dur"] for e in launches)
     blocking = Counter()
     for e in runtime:
         if any(b in e["name"] for b in BLOCKING) and e["dur"] > 20:
@@ -158,10 +164,14 @@ def reductions(tokens: int, width: int, device: str, reps: int = 50) -> dict:
         return (torch.sum(h, 1, dtype=f32), torch.linalg.vector_norm(h, 1, dim=1, dtype=f32),
                 torch.maximum(-lo, hi))
 
-    from massact_nn.reduce import channel_sums_fused
+    from massact_nn.reduce import one_pass
+
+    # Its own compiled function: the library's (used by the generations below) must see only
+    # the generations' shapes, or it would be recompiled for dynamic shapes.
+    compiled = torch.compile(one_pass, fullgraph=True, dynamic=False)
 
     def fused():
-        return channel_sums_fused(h)
+        return compiled(h)
 
     def gemv():
         hh = h[0]
@@ -208,7 +218,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--cases", nargs="+",
-                   default=["plain", "stats", "stats_norms", "stats_abs"])
+                   default=["plain", "stats", "stats_fused", "stats_abs"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", type=Path, required=True)

@@ -18,7 +18,7 @@ wide=(--device cuda --dtype bfloat16 --width 3072 --blocks 2 4)
 python3 benchmarks/run.py "${wide[@]}" --tokens 1024 4096 --reps 7 --no-memory \
     --json "$out/gpu_time.json" 2>&1 | quiet | tee -a "$log"
 python3 benchmarks/device/idle.py "${wide[@]}" --tokens 1024 4096 --reps 7 --out "$out/idle" \
-    --cases plain nnsight_empty access_only stats stats_norms stats_fused 2>&1 | quiet | tee -a "$log"
+    --cases plain nnsight_empty access_only stats stats_fused 2>&1 | quiet | tee -a "$log"
 python3 benchmarks/run.py "${wide[@]}" --tokens 4096 --reps 3 --cases plain plain_images stats \
     naive_save_all plain_pair transport_batched_2row --json "$out/gpu_mem.json" 2>&1 | quiet | tee -a "$log"
 python3 benchmarks/run.py --ops "${wide[@]}" --tokens 1024 --json "$out/gpu_ops.json" 2>&1 | quiet | tee -a "$log"

@@ -6,6 +6,8 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+
 
 class MassactError(ValueError):
     """Bad input or a model that does not match what an adapter expects.
@@ -52,6 +54,11 @@ def check_channel_ids(channels: Any, width: int, where: str = "") -> None:
     Shapes:
         channels: [k] (a tensor).
     """
+    prefix = f"{where}: " if where else ""
+    if channels.numel() and (channels.dtype == torch.bool or channels.is_floating_point()
+                             or channels.is_complex()):
+        # A boolean channel mask read as ids would edit channels 0 and 1; 5.9 would become 5.
+        raise MassactError(f"{prefix}channel ids of dtype {channels.dtype}; accepted: integer ids "
+                           "(for a boolean mask over channels: mask.nonzero().flatten())")
     if channels.numel() and (int(channels.max()) >= width or int(channels.min()) < 0):
-        prefix = f"{where}: " if where else ""
         raise MassactError(f"{prefix}channel ids {channels.tolist()} out of range; accepted: 0..{width - 1}")

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .errors import MassactError
+from .masks import binary_mask
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -43,7 +44,8 @@ def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Te
     Args:
         a: First batch.
         b: Second batch.
-        mask: Pixel mask, shared by every image (``[H, W]``) or one per image (``[n, H, W]``).
+        mask: Pixel mask, bool or 0/1 (a soft mask is refused), shared by every image
+            (``[H, W]``) or one per image (``[n, H, W]``).
 
     Shapes:
         a, b: [n, 3, H, W]; mask: [H, W] or [n, H, W] -> [n].
@@ -53,7 +55,7 @@ def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Te
     if mask.shape not in ((h, w), (n, h, w)):
         raise MassactError(f"mask shape {tuple(mask.shape)} does not fit images {tuple(a.shape)}; "
                            f"accepted: [{h}, {w}] or [{n}, {h}, {w}]")
-    m = mask.bool().expand(n, h, w).to(a.device)
+    m = binary_mask(mask, "pixel mask").expand(n, h, w).to(a.device)
     err = (a.float() - b.float()).pow(2).mean(1)  # [n, H, W]
     count = m.flatten(1).sum(1)
     total = (err * m).flatten(1).sum(1)
@@ -66,7 +68,8 @@ def inside_outside(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict
     Shapes:
         a, b: [n, 3, H, W]; mask: [H, W] or [n, H, W] -> each value [n].
     """
-    return {"all": mse(a, b), "inside": masked_mse(a, b, mask), "outside": masked_mse(a, b, ~mask.bool())}
+    m = binary_mask(mask, "pixel mask")
+    return {"all": mse(a, b), "inside": masked_mse(a, b, m), "outside": masked_mse(a, b, ~m)}
 
 
 def summarise(values: torch.Tensor) -> float | None:

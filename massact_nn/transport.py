@@ -15,6 +15,7 @@ import torch
 from ._io import load_json, load_tensors, save_run
 from .disruption import _read_meta
 from .errors import MassactError, check_channel_ids
+from .masks import binary_mask
 
 
 def channel_mask(channels: torch.Tensor, width: int) -> torch.Tensor:
@@ -23,20 +24,39 @@ def channel_mask(channels: torch.Tensor, width: int) -> torch.Tensor:
     Shapes:
         channels: [k] -> [width] bool.
     """
-    ch = channels.long().flatten()
+    ch = channels.flatten()
     check_channel_ids(ch, width)
+    ch = ch.long()
     m = torch.zeros(width, dtype=torch.bool)
     m[ch] = True
     return m
 
 
-def token_mask(mask: torch.Tensor, n_tokens: int) -> torch.Tensor:
+def token_mask(mask: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
     """A flat token mask from a token-grid mask (row-major, the order DiTs pack tokens in).
 
+    Args:
+        mask: A bool or 0/1 mask (soft masks are refused: ``.bool()`` would put every nonzero
+            value inside).
+        grid: The image stream's token grid ``(rows, cols)``, or its token count for a flat mask.
+            A 2-D mask needs the grid: with a count alone a transposed ``[cols, rows]`` mask
+            would pass and put its tokens in the wrong places.
+
     Shapes:
-        mask: [rows, cols] or [tokens] bool -> [tokens] bool.
+        mask: [rows, cols] or [tokens] -> [tokens] bool.
     """
-    p = mask.bool().flatten()
+    p = binary_mask(mask, "token mask")
+    n_tokens = grid[0] * grid[1] if isinstance(grid, tuple) else grid
+    if p.ndim == 2:
+        if not isinstance(grid, tuple):
+            raise MassactError(f"a 2-D token mask of shape {tuple(p.shape)} needs the token grid; "
+                               "accepted: token_mask(mask, (rows, cols))")
+        if tuple(p.shape) != tuple(grid):
+            raise MassactError(f"token mask of shape {tuple(p.shape)}; accepted: the token grid "
+                               f"{tuple(grid)} (rows, cols)")
+    elif p.ndim != 1:
+        raise MassactError(f"token mask of shape {tuple(p.shape)}; accepted: [rows, cols] or [tokens]")
+    p = p.flatten()
     if p.numel() != n_tokens:
         raise MassactError(
             f"token mask of shape {tuple(mask.shape)} has {p.numel()} tokens; the image stream has "
@@ -75,7 +95,8 @@ def blend(target: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, alpha:
     check_alpha(alpha)
     m = mask.to(target.device)
     if alpha == 1.0:
-        return torch.where(m, source, target)
+        # In target's dtype, as for alpha < 1: torch.where would promote to the wider of the two.
+        return torch.where(m, source.to(target.dtype), target)
     mixed = target * (1 - alpha) + source.to(target.dtype) * alpha
     return torch.where(m, mixed, target)
 

@@ -437,3 +437,42 @@ def test_transport_on_families_without_norm_out(family, family_model):
     with pytest.raises(MassactError, match="copy_norm_out=True, but .* has no norm_out"):
         transport(model, PROMPTS[0], PROMPTS[1], None, TransportConfig(generation=gen, channels=every,
                                                                        copy_norm_out=True, progress=False))
+
+
+def test_per_prompt_negative_prompts_reach_their_rows_in_disruption_and_transport(family_model):
+    # SANA's [uncond; cond] call makes each row's negative prompt matter to the image.
+    from massact_nn.tracing.probes.disruption import DisruptionConfig, disrupt
+    from massact_nn.tracing.probes.transport import TransportConfig, transport
+
+    from massact_nn.errors import MassactError
+
+    _, model = family_model("sana")
+    prompts, negs = ["a red cat", "a blue dog", "a green tree"], ["blurry", "a cat", "dark"]
+
+    def gen(negatives, batch_size=8, seed=SEED):
+        extra = {**CALL_DEFAULTS["sana"], "negative_prompt": negatives}
+        return GenerationConfig(steps=1, seed=seed, height=SIZE, width=SIZE, guidance_scale=3.0,
+                                batch_size=batch_size, extra=extra)
+
+    stats = collect_stats(model, prompts, StatsConfig(gen(negs), progress=False))
+    dcfg = lambda g: DisruptionConfig(g, k=2, controls=("top",), judge=False, progress=False)  # noqa: E731
+    whole = disrupt(model, prompts, stats, dcfg(gen(negs))).images
+    chunked = disrupt(model, prompts, stats, dcfg(gen(negs, batch_size=2))).images
+    alone = disrupt(model, prompts[1:2], stats, dcfg(gen(negs[1], seed=SEED + 1))).images
+    for name, x in whole.items():
+        torch.testing.assert_close(chunked[name], x, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(alone[name][0], x[1], rtol=1e-4, atol=1e-5, msg=name)
+    swapped = disrupt(model, prompts, stats, dcfg(gen(negs[::-1]))).images
+    assert not torch.allclose(swapped["none"][0], whole["none"][0])
+
+    sources, targets = ["a red cat", "a blue dog"], ["a green tree", "a yellow car"]
+    tcfg = lambda g, mode: TransportConfig(generation=g, k=2, mode=mode, judge=False,  # noqa: E731
+                                           progress=False)
+    for mode in ("batched", "two_pass"):
+        both = transport(model, sources, targets, stats, tcfg(gen(negs[:2], batch_size=1), mode))
+        second = transport(model, sources[1], targets[1], stats, tcfg(gen(negs[1], seed=SEED + 1), mode))
+        for part in ("source", "target", "result"):
+            torch.testing.assert_close(getattr(second, part)[0], getattr(both, part)[1], rtol=1e-4,
+                                       atol=1e-5, msg=f"{mode} {part}")
+    with pytest.raises(MassactError, match="negative_prompt has 3 entries for 2 pairs"):
+        transport(model, sources, targets, stats, tcfg(gen(negs), "batched"))

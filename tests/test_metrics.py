@@ -89,3 +89,18 @@ def test_mask_png_resizes_to_token_grid_and_back(tmp_path):
     assert up.shape == (32, 64) and up[:, :32].all() and not up[:, 32:].any()
     with pytest.raises(MassactError, match="multiple"):
         upsample_mask(m, (30, 64))
+
+
+def test_soft_pixel_masks_are_refused_not_read_as_everywhere():
+    a, b = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
+    for soft in (torch.full((4, 4), 0.1), torch.full((4, 4), 255.0)):
+        with pytest.raises(MassactError, match="pixel mask has values other than 0 and 1"):
+            masked_mse(a, b, soft)
+        with pytest.raises(MassactError, match="pixel mask has values other than 0 and 1"):
+            inside_outside(a, b, soft)
+    m = torch.zeros(4, 4)
+    m[1:3] = 1  # 0/1 floats are a mask
+    out = inside_outside(a, b, m)
+    err = (a - b).pow(2).mean(1)
+    torch.testing.assert_close(out["inside"], err[:, 1:3].flatten(1).mean(1))
+    torch.testing.assert_close(out["outside"], torch.cat([err[:, :1], err[:, 3:]], 1).flatten(1).mean(1))

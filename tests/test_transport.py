@@ -88,7 +88,9 @@ def test_pure_shape_checks():
     with pytest.raises(MassactError, match="joint mask shape"):
         blend(torch.zeros(1, 4, 2), torch.zeros(1, 4, 2), torch.ones(3, 2, dtype=torch.bool))
     with pytest.raises(MassactError, match="the image stream has 16"):
-        token_mask(torch.ones(3, 3), 16)
+        token_mask(torch.ones(9), 16)
+    with pytest.raises(MassactError, match=r"shape \(3, 3\); accepted: the token grid \(4, 4\)"):
+        token_mask(torch.ones(3, 3), (4, 4))
     with pytest.raises(MassactError, match="alpha"):
         blend(torch.zeros(1, 4, 2), torch.zeros(1, 4, 2), torch.ones(4, 2, dtype=torch.bool), 1.5)
 
@@ -491,3 +493,41 @@ def test_a_bad_token_mask_lists_every_accepted_kind(tmp_path):
     for spec in (str(tmp_path / "missing.npy"), 3.5):
         with pytest.raises(MassactError, match="accepted: 'all', 'target', 'source', 'union', "):
             resolve_token_mask(spec, (8, 8), 1, {})
+
+
+def test_token_mask_refuses_soft_and_transposed_masks():
+    grid = (2, 3)
+    m = torch.tensor([[0, 1, 0], [0, 0, 1]])
+    assert token_mask(m, grid).tolist() == [False, True, False, False, False, True]
+    with pytest.raises(MassactError, match="values other than 0 and 1"):
+        token_mask(torch.full(grid, 0.1), grid)  # .bool() would put every token inside
+    with pytest.raises(MassactError, match="values other than 0 and 1"):
+        token_mask(m * 255, grid)
+    with pytest.raises(MassactError, match=r"shape \(3, 2\); accepted: the token grid \(2, 3\)"):
+        token_mask(m.T, grid)  # same token count, tokens in the wrong places
+    with pytest.raises(MassactError, match="needs the token grid"):
+        token_mask(m, 6)
+
+
+def test_channel_ids_must_be_integers_not_a_boolean_mask():
+    bool_mask = torch.zeros(8, dtype=torch.bool)
+    bool_mask[[5, 6]] = True
+    with pytest.raises(MassactError, match="channel ids of dtype torch.bool; accepted: integer ids"):
+        channel_mask(bool_mask, 8)  # read as ids it would select channels 0 and 1
+    with pytest.raises(MassactError, match="dtype torch.float32"):
+        channel_mask(torch.tensor([5.9]), 8)
+    assert channel_mask(bool_mask.nonzero().flatten(), 8).tolist() == bool_mask.tolist()
+
+
+def test_full_blend_keeps_the_targets_dtype():
+    t = torch.zeros(1, 2, 2, dtype=torch.bfloat16)
+    s = torch.ones(1, 2, 2, dtype=torch.float32)
+    m = torch.ones(2, 2, dtype=torch.bool)
+    for alpha in (1.0, 0.5):
+        assert blend(t, s, m, alpha).dtype == torch.bfloat16
+
+
+def test_no_pairs_is_refused_with_a_clear_error(tiny_flux, every_channel):
+    with pytest.raises(MassactError, match="no target prompts given; accepted: one or more"):
+        cfg = TransportConfig(channels=every_channel, judge=False, progress=False)
+        transport(tiny_flux, [], [], None, cfg)

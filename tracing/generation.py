@@ -6,7 +6,7 @@ import inspect
 import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,35 @@ def pipeline_kwargs(
     if cfg.guidance_scale is not None:
         kw["guidance_scale"] = cfg.guidance_scale
     return kw
+
+
+def check_per_prompt(cfg: GenerationConfig, n: int, what: str = "prompts") -> None:
+    """Raise unless each per-prompt list in ``cfg.extra`` has one entry for each of ``n``.
+
+    Raises:
+        MassactError: naming the list, its length and the count accepted.
+    """
+    for key in PER_PROMPT:
+        v = cfg.extra.get(key)
+        if isinstance(v, (list, tuple)) and len(v) != n:
+            raise MassactError(f"{key} has {len(v)} entries for {n} {what}; accepted: one string for "
+                               f"every {what[:-1]}, or one per {what[:-1]}")
+
+
+def per_prompt_rows(cfg: GenerationConfig, index: Sequence[int]) -> GenerationConfig:
+    """``cfg`` with each per-prompt list re-indexed: row r of a batch gets entry ``index[r]``.
+
+    For batches whose rows are not the prompts one to one: a probe's structural check on the
+    first prompt (``[0]``), or transport's copies of each pair (source, target, result).
+    """
+    extra = dict(cfg.extra)
+    for key in PER_PROMPT:
+        v = extra.get(key)
+        if isinstance(v, (list, tuple)):
+            if not v:
+                raise MassactError(f"{key} is an empty list; accepted: one string, or one per prompt")
+            extra[key] = [v[i] for i in index]
+    return replace(cfg, extra=extra)
 
 
 def guidance_meta(pipe: Any, kwargs: dict, calls_per_step: int, batched_cfg: bool,

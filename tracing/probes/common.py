@@ -23,7 +23,15 @@ from massact_nn.sites import Site, resolve_sites
 from massact_nn.stats import ChannelStats
 
 from ..adapters import Adapter
-from ..generation import Call, GenerationConfig, call_schedule, guidance_meta, pipeline_kwargs, resolve
+from ..generation import (
+    Call,
+    GenerationConfig,
+    call_schedule,
+    guidance_meta,
+    per_prompt_rows,
+    pipeline_kwargs,
+    resolve,
+)
 from ..model import library_versions, model_adapter, model_name, transformer_device
 from ..sites import sites_of
 
@@ -125,13 +133,17 @@ class Plan:
     def __post_init__(self) -> None:
         self._step_set = set(self.steps)
 
-    def kwargs(self, n: int, first_index: int, device: Any, same_seed: bool = False) -> dict:
+    def kwargs(
+        self, n: int, first_index: int, device: Any, same_seed: bool = False, total: int | None = None
+    ) -> dict:
         """Pipeline keyword arguments for ``n`` prompts starting at ``first_index``.
 
         Images come back as ``[n, 3, H, W]`` tensors in [0, 1]. With ``same_seed`` every row gets a
         generator seeded ``seed + first_index`` (identical noise; design notes, pitfall 9).
+        ``total``: the whole prompt list's length, for per-prompt lists (a negative prompt per
+        prompt) to be cut to this batch.
         """
-        kw = pipeline_kwargs(self.gen, [""] * n, first_index, device)
+        kw = pipeline_kwargs(self.gen, [""] * n, first_index, device, total=total)
         if same_seed:
             seed = self.gen.seed + first_index
             kw["generator"] = [torch.Generator(device).manual_seed(seed) for _ in range(n)]
@@ -152,7 +164,8 @@ def make_plan(
     chosen = resolve_sites(sites_of(model), sites)
     kinds = {bl.attr: bl.layout for bl in adapter.blocks}
     layouts = {s.module: kinds[s.module.rsplit(".", 1)[0]] for s in chosen}
-    probe_kw = pipeline_kwargs(gen, [""], 0, "cpu")
+    # The guidance structure, from the first prompt's entries of any per-prompt lists.
+    probe_kw = pipeline_kwargs(per_prompt_rows(gen, [0]), [""], 0, "cpu")
     per_step = adapter.calls_per_step(pipe, probe_kw)
     rows, cols = adapter.grid(pipe, gen.height, gen.width)
     batched_cfg = adapter.batched_cfg(pipe, probe_kw)

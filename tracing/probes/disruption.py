@@ -129,7 +129,7 @@ def generate_images(
     n_calls = max((c.index for c in plan.schedule if plan.active(c)), default=-1) + 1
     chunks = []
     for first, chunk in batches(list(prompts), plan.gen.batch_size):
-        with model.generate(chunk, **plan.kwargs(len(chunk), first, device)) as tracer:
+        with model.generate(chunk, **plan.kwargs(len(chunk), first, device, total=len(prompts))) as tracer:
             if sites and n_calls:
                 for i in tracer.iter[:n_calls]:
                     if not plan.active(plan.schedule[i]):

@@ -30,7 +30,7 @@ from massact_nn.transfer import move_packed
 from massact_nn.transport import TransportResult, check_alpha, gather, scatter_blend_
 
 from ..adapters import read_image, write_image
-from ..generation import GenerationConfig
+from ..generation import GenerationConfig, check_per_prompt, per_prompt_rows
 from ..model import model_adapter
 from .common import (
     Plan,
@@ -150,7 +150,10 @@ def transport(
     if config.copy_norm_out and not hasattr(model.pipeline.transformer, "norm_out"):
         raise MassactError(f"copy_norm_out=True, but {type(model.pipeline.transformer).__name__} has no "
                            "norm_out; accepted: copy_norm_out=False (its blocks carry the transport)")
+    if not targets:
+        raise MassactError("no target prompts given; accepted: one or more source/target pairs")
     plan = make_plan(model, config.generation, config.sites, config.steps)
+    check_per_prompt(plan.gen, len(targets), "pairs")
     if image_source and not all(c.conditional for c in plan.schedule):
         # The real image is run with its caption only: there are no unconditional values to
         # carry into the unconditional calls, and copying the conditional ones would mix branches.
@@ -172,7 +175,9 @@ def transport(
     nbytes = {"stored_bytes": 0, "full_bytes": 0}
     for first in chunks:
         # Pair j keeps seed + j whatever the chunking: the chunk's plan starts at seed + first.
-        sub = replace(plan, gen=replace(plan.gen, seed=plan.gen.seed + first))
+        # Per-pair lists (a negative prompt per pair) are cut to the chunk alike.
+        pairs = range(first, min(first + bs, len(targets)))
+        sub = replace(plan, gen=per_prompt_rows(replace(plan.gen, seed=plan.gen.seed + first), pairs))
         tg, pp, sc = targets[first:first + bs], p[first:first + bs], sources[first:first + bs]
         if config.mode == "batched":
             *imgs, nb = _batched(model, sub, sc, tg, channels, pp, config)
@@ -232,21 +237,23 @@ def _channels(plan: Plan, stats: Any, config: TransportConfig) -> dict[str, torc
                                f"for each of {[s.module for s in plan.sites]}")
         out = {}
         for s in plan.sites:
-            ch = torch.as_tensor(config.channels[s.module], dtype=torch.long).flatten()
+            ch = torch.as_tensor(config.channels[s.module]).flatten()
             check_channel_ids(ch, s.channels, f"site {s.module}")
-            out[s.module] = ch
+            out[s.module] = ch.long()
         return out
     if stats is None:
         raise MassactError("no channel mask: pass a statistics run (--stats DIR) or channels per site")
     return channel_sets(load_stats(stats), plan.sites, "top", config.k)
 
 
-def _generate(
-    model: Any, plan: Plan, prompts: list[str], gens: list[torch.Generator], body: Any
-) -> torch.Tensor:
-    """One generation of ``prompts`` with ``body(call)`` run at every transformer call."""
-    kw = plan.kwargs(len(prompts), 0, plan.device)
-    kw["generator"] = gens
+def _generate(model: Any, plan: Plan, prompts: list[str], n: int, copies: int, body: Any) -> torch.Tensor:
+    """One generation of ``copies`` copies of ``n`` pairs' rows, ``body(call)`` at every call.
+
+    Row ``c * n + j`` belongs to pair j: its seed and its entries of per-pair lists.
+    """
+    rows = [j for _ in range(copies) for j in range(n)]
+    kw = replace(plan, gen=per_prompt_rows(plan.gen, rows)).kwargs(len(prompts), 0, plan.device)
+    kw["generator"] = _pair_gens(plan, n, copies, plan.device)
     with model.generate(prompts, **kw) as tracer:
         for i in tracer.iter[: len(plan.schedule)]:
             body(plan.schedule[i])
@@ -321,7 +328,7 @@ def _batched(model, plan, sources, targets, channels, p, config):
 
     body = _per_site(model, plan, channels, config.copy_norm_out, edit, write=True)
     prompts = sources + targets * (copies - 1)
-    images = _generate(model, plan, prompts, _pair_gens(plan, n, copies, device), body)
+    images = _generate(model, plan, prompts, n, copies, body)
     target = images[n:2 * n] if config.control else None
     return images[:n], target, images[-n:], {"stored_bytes": 0, "full_bytes": 0}
 
@@ -342,7 +349,7 @@ def _capture(model, plan, sources, channels, p, config):
         count["full_bytes"] += h.numel() * h.element_size()
 
     body = _per_site(model, plan, channels, config.copy_norm_out, keep, write=False)
-    images = _generate(model, plan, list(sources), _pair_gens(plan, n, 1, device), body)
+    images = _generate(model, plan, list(sources), n, 1, body)
     return images, stored, count
 
 
@@ -359,7 +366,7 @@ def _inject(model, plan, targets, stored, channels, p, config, per_pair: bool):
         return new
 
     body = _per_site(model, plan, channels, config.copy_norm_out, put, write=True)
-    images = _generate(model, plan, targets * copies, _pair_gens(plan, n, copies, device), body)
+    images = _generate(model, plan, targets * copies, n, copies, body)
     return (images[:n] if config.control else None), images[-n:]
 
 

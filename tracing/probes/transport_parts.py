@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from massact_nn.images import mask_from_png, upsample_mask
 from massact_nn.masks import binary_mask
 from massact_nn.metrics import inside_outside, summarise
 
+from ..generation import per_prompt_rows
 from .common import judge_readings
 
 
@@ -175,7 +176,8 @@ def segmentation_masks(
     need = {"target", "source"} if "union" in keywords else set(keywords)
     out: dict[str, list[torch.Tensor]] = {w: [] for w in need}
     for j, tgt in enumerate(targets):
-        gen = type(plan.gen)(**{**plan.gen.to_json(), "seed": plan.gen.seed + j})
+        # Pair j's seed and its entries of per-pair lists (a negative prompt per pair).
+        gen = per_prompt_rows(replace(plan.gen, seed=plan.gen.seed + j), [j])
         base = dict(stats=stats, k=k, controls=("top",), generation=gen)
         if "target" in need:
             out["target"].append(segment(model, SegmentConfig(prompt=tgt, **base)).mask)

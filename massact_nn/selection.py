@@ -103,6 +103,9 @@ def mean_pairwise_jaccard(sets: torch.Tensor | Sequence[Sequence[int]]) -> float
 def ratio_top1_median(stat: torch.Tensor) -> float:
     """The classic massive-activation ratio: largest value over the median (Sun et al. 2024).
 
+    The median is ``torch.median``'s: for an even channel count, the lower of the two middle
+    values (not their mean). Every ratio the library reports and plots uses this one.
+
     Shapes:
         stat: [channels].
     """

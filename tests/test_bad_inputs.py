@@ -160,6 +160,9 @@ def test_options_of_the_other_segmentation_source_are_refused(stats_dir, tmp_pat
     with pytest.raises(MassactError, match=r"steps='1' given with a real image"):
         check_config(SegmentConfig(stats=stats_dir, image=torch.zeros(1, 3, 32, 32), caption="x", steps="1"))
     check_config(SegmentConfig(stats=stats_dir, image=torch.zeros(1, 3, 32, 32), caption="x", t=0.2))
+    for seed in (-1, 2**32, 1.5, True):  # scikit-learn would refuse them after the generation
+        with pytest.raises(MassactError, match=f"kmeans_seed={seed!r} is out of range; accepted"):
+            check_config(SegmentConfig(stats=stats_dir, prompt="a cat", kmeans_seed=seed))
     img = tmp_path / "img.png"
     from PIL import Image
 

@@ -20,6 +20,7 @@ from massact_nn.tracing.probes.real_image import (
     trajectory_t_values,
 )
 from massact_nn.tracing.probes.segmentation import SegmentConfig, segment
+from massact_nn.tracing.sites import sites_of
 from massact_nn.tracing.stats import StatsConfig, collect_stats
 from massact_nn.tracing.toy.export import is_shipped
 
@@ -394,3 +395,18 @@ def test_real_image_on_an_unsupported_family_is_one_clear_error():
     check_supported("flux")
     with pytest.raises(MassactError, match=r"not supported for the 'sana' family yet; accepted: flux"):
         check_supported("sana")
+
+
+def test_evaluation_with_k_of_every_channel_leaves_out_the_empty_rest(tiny_flux, planted):
+    from massact_nn.tracing.probes.segmentation import evaluate_segmentation
+
+    width = sites_of(tiny_flux)[0].channels
+    rep = evaluate_segmentation(tiny_flux, planted[1], world_samples=World(0).sample(1, seed=9),
+                                sites=[PLANT_SITE], steps=[1], t_values=(0.5,), k=width,
+                                random_draws=0, num_steps=2, sources=("generated",),
+                                filter_generated=False, progress=False)
+    sets = {r["set"] for r in rep["rows"]}
+    assert f"top-{width}" in sets and "all" in sets and "rest" not in sets
+    tops = {r["site"]: r["iou_mean"] for r in rep["rows"] if r["set"] == f"top-{width}"}
+    alls = {r["site"]: r["iou_mean"] for r in rep["rows"] if r["set"] == "all"}
+    assert tops == alls  # every channel is the top-k: the two sets are the same features

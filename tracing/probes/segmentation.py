@@ -116,6 +116,10 @@ def check_config(config: SegmentConfig) -> None:
                            "call at t; accepted: steps with a generated trajectory (--prompt)")
     if config.posterior is not None and config.posterior not in POSTERIOR:
         raise choice_error("posterior", config.posterior, POSTERIOR)
+    seed = config.kmeans_seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        # scikit-learn takes 0..2**32-1 and would refuse it only after the generation.
+        raise MassactError(f"kmeans_seed={seed!r} is out of range; accepted: an integer 0..{2**32 - 1}")
     if not 0.0 <= config.noise_level <= 1.0:
         raise MassactError(f"t={config.t!r} is out of range; accepted: 0 <= t <= 1")
 

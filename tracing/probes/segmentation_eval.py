@@ -51,6 +51,8 @@ def _sets(stats: ChannelStats, sites: list, k: int, draws: int, seed: int) -> di
     sets = select_channels(stats, sites, ("top", "all", "low"), k, seed)
     # every channel but the top-k: is the layout exclusive to the massive channels?
     sets["rest"] = {m: a[~torch.isin(a, sets["top"][m])] for m, a in sets["all"].items()}
+    if any(v.numel() == 0 for v in sets["rest"].values()):
+        del sets["rest"]  # k is every channel: no channel is left to cluster on
     for d in range(draws):
         sets[f"random#{d}"] = select_channels(stats, sites, ("random",), k, seed + d)["random"]
     return sets

@@ -94,8 +94,14 @@ def save_json(path: str | Path, obj: Any) -> None:
 
 
 def save_run(folder: str | Path, tensors: dict[str, torch.Tensor], metrics: Any, meta: dict) -> Path:
-    """Write a probe's run folder: ``result.safetensors``, ``metrics.json``, ``meta.json``."""
+    """Write a probe's run folder: ``result.safetensors``, ``metrics.json``, ``meta.json``.
+
+    ``meta.json`` goes first and comes back last: a save over an older run that dies midway
+    leaves a folder without it, which loading refuses, instead of the old metadata over the new
+    tensors.
+    """
     folder = Path(folder)
+    (folder / "meta.json").unlink(missing_ok=True)
     save_tensors(folder / "result.safetensors", tensors)
     save_json(folder / "metrics.json", metrics)
     save_json(folder / "meta.json", meta)

@@ -100,6 +100,7 @@ class SegmentationResult:
         blocks in theirs, and the image in its own dtype.
         """
         folder = Path(folder)
+        (folder / META_FILE).unlink(missing_ok=True)  # written last: a half-saved folder is refused
         t = {f"aggregated/{k}": v.bool().clone() for k, v in self.aggregated.items()}
         t.update({f"block/{k}": v.bool().clone() for k, v in self.per_block.items()})
         t.update({f"channels/{k}": v.long().clone() for k, v in self.channels.items()})

@@ -757,6 +757,8 @@ class ChannelStats:
     def save(self, folder: str | Path) -> Path:
         """Write ``stats.safetensors`` and ``stats.json`` into ``folder`` (atomically)."""
         folder = Path(folder)
+        # stats.json last (and gone meanwhile): a save that dies midway leaves no readable mix.
+        (folder / "stats.json").unlink(missing_ok=True)
         save_tensors(folder / "stats.safetensors", self.tensors)
         meta = dict(self.meta)
         meta["sites"] = self.summary()

@@ -82,6 +82,30 @@ def test_an_unwritable_out_is_refused_before_any_work(command, tmp_path, capsys)
         assert f"--out {str(afile)!r} is an existing file" in err
 
 
+def test_out_with_a_tilde_is_written_where_it_was_checked(tiny_flux_dir, tmp_path, monkeypatch):
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    code = cli(["stats", "--model", str(tiny_flux_dir), "--prompt", "a cat", "--steps", "1",
+                "--height", "32", "--width", "32", "--out", "~/run"])
+    assert code == 0 and (home / "run" / "stats.json").is_file()
+    assert not (cwd / "~").exists()  # not a literal folder named "~"
+
+
+def test_file_outputs_and_inputs_are_named_clearly(tmp_path, capsys):
+    err = _cli_error(capsys, "toy", "eval", str(tmp_path / "no-toy"), "--json", str(tmp_path))
+    assert f"--json {str(tmp_path)!r} is a folder; accepted: the path of a file" in err
+    afile = tmp_path / "report.html"
+    afile.write_text("x")
+    err = _cli_error(capsys, "report", str(afile), "--out", str(tmp_path / "r.html"))
+    assert "is a file, not a folder" in err
+    err = _cli_error(capsys, "stats", "--prompts-file", str(tmp_path / "none.txt"), "--out",
+                     str(tmp_path / "o"))
+    assert "does not exist; accepted: a UTF-8 text file, one prompt per line" in err
+
+
 def test_a_prompts_file_that_is_not_utf8_is_one_clear_error(tmp_path, capsys):
     f = tmp_path / "prompts.txt"
     f.write_bytes(b"a red cat\n\xff\xfe dog\n")

@@ -126,3 +126,19 @@ def test_demo_without_the_toy_says_so_in_one_line(tmp_path, monkeypatch, capsys)
 def test_demo_on_the_toy(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+def test_a_skipped_world_segmentation_removes_an_older_runs_folder(tiny_flux, tmp_path):
+    from massact_nn.tracing.cli.demo import _segment_world, _Unavailable
+    from massact_nn.tracing.generation import GenerationConfig
+
+    from massact_nn import world
+
+    old = tmp_path / "segment_world"
+    old.mkdir()
+    (old / "meta.json").write_text("{}")  # an earlier demo here at the world's size
+    size = 2 * world.SIZE
+    ctx = {"model": tiny_flux, "gen": GenerationConfig(steps=1, height=size, width=size), "out": tmp_path}
+    with pytest.raises(_Unavailable, match="world images are"):
+        _segment_world(ctx)
+    assert not old.exists()  # the report would otherwise show the stale run

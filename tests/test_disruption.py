@@ -205,6 +205,8 @@ def partial_stats(planted, tmp_path_factory):
     (["--k", "40", "--sites", "transformer_blocks.0"], "k=40 is out of range"),
     (["--mode", "nope", "--sites", "0"], "unknown disruption mode"),
     (["--steps", "9:", "--sites", "0"], "select no step"),
+    (["--k", "", "--sites", "0"], "no k given"),  # not a run of the undisturbed baseline alone
+    (["--controls", "", "--sites", "0"], "no channel sets given"),
 ])
 def test_cli_bad_input(planted_flux_dir, partial_stats, tmp_path, capsys, extra, needle):
     code = cli(["disrupt", "--model", str(planted_flux_dir), "--stats", str(partial_stats),

@@ -95,6 +95,7 @@ def test_evaluate_writes_tables(tiny_flux, tmp_path):
     assert [r["channels"] for r in back["transport"]["rows"]] == ["top-4", "low-4", "random-4", "all"]
     assert "| top | 1 | 1 |" in md and "| all (1) | top-4 |" in md
     assert (tmp_path / "evaluation.md").read_text() == md
+    assert set(back["versions"]) >= {"torch", "diffusers", "nnsight"} and back["stats"] is None
     # Each row is what the probe itself gives for those channels, sources and targets.
     gen = GenerationConfig(steps=2, seed=cfg.seed, height=32, width=32)
     src, tgt = transport_pairs(cfg.pairs, cfg.seed)

@@ -94,3 +94,74 @@ def test_a_segmentation_load_of_another_results_folder_names_it(tmp_path):
     save_run(tmp_path, {}, {}, {"model": "m", "mode": "zero"})  # the shape of a probe's folder
     with pytest.raises(MassactError, match="holds another kind of result, not a segmentation"):
         SegmentationResult.load(tmp_path)
+
+
+def _die_on(monkeypatch, module, name: str) -> None:
+    """Make ``module.save_json`` fail when it writes ``name``, as a killed process would."""
+    real = module.save_json
+
+    def save_json(path, obj):
+        if os.path.basename(str(path)) == name:
+            raise KeyboardInterrupt("killed")
+        real(path, obj)
+
+    monkeypatch.setattr(module, "save_json", save_json)
+
+
+def test_a_statistics_save_that_dies_over_an_older_run_leaves_no_readable_mix(tmp_path, monkeypatch):
+    import torch
+
+    import massact_nn.stats as stats_mod
+    from massact_nn.errors import MassactError
+    from massact_nn.sites import Site
+    from massact_nn.stats import ChannelStats, StatsAccumulator
+
+    def run(prompts: int) -> ChannelStats:
+        acc = StatsAccumulator([Site(0, "layers.0", 4)], steps=1, k=2)
+        acc.begin_batch(prompts)
+        acc.update("layers.0", 0, torch.randn(prompts, 3, 4))
+        acc.end_batch()
+        return acc.result({"prompts": ["p"] * prompts})
+
+    run(1).save(tmp_path)
+    _die_on(monkeypatch, stats_mod, "stats.json")
+    with pytest.raises(KeyboardInterrupt):
+        run(3).save(tmp_path)  # the new tensors are written, then the process dies
+    with pytest.raises(MassactError, match="no statistics in"):
+        ChannelStats.load(tmp_path)  # not the old metadata over the new tensors
+
+
+def test_a_probe_or_segmentation_save_that_dies_is_refused_on_load(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+    from massact_nn.tracing.probes.transport_parts import _mask_file
+
+    import massact_nn._io as io
+    import massact_nn.segmentation_result as seg_mod
+    from massact_nn.disruption import DisruptionResult
+    from massact_nn.errors import MassactError
+    from massact_nn.segmentation_result import SegmentationResult
+
+    io.save_run(tmp_path / "probe", {"x": torch.zeros(1)}, {}, {"model": "old"})
+    _die_on(monkeypatch, io, "meta.json")
+    with pytest.raises(KeyboardInterrupt):
+        io.save_run(tmp_path / "probe", {"x": torch.ones(2)}, {}, {"model": "new"})
+    assert not (tmp_path / "probe" / "meta.json").exists()
+    with pytest.raises(MassactError):
+        DisruptionResult.load(tmp_path / "probe")
+
+    seg = tmp_path / "seg"
+    seg.mkdir()
+    np.save(seg / "mask.npy", np.zeros((2, 2), dtype=bool))  # an older run's mask, no meta.json
+    with pytest.raises(MassactError, match="an unfinished segmentation run"):
+        _mask_file(seg, (2, 2))
+    r = SegmentationResult(aggregated={"top": torch.ones(2, 2, dtype=torch.bool)}, per_block={},
+                           channels={}, primary="top", image_size=(4, 4))
+    r.save(seg)
+    assert SegmentationResult.load(seg).mask.all()
+    _die_on(monkeypatch, seg_mod, "meta.json")
+    with pytest.raises(KeyboardInterrupt):
+        SegmentationResult(aggregated={"top": torch.zeros(2, 2, dtype=torch.bool)}, per_block={},
+                           channels={}, primary="top", image_size=(4, 4)).save(seg)
+    with pytest.raises(MassactError, match="no segmentation result in"):
+        SegmentationResult.load(seg)

@@ -531,3 +531,20 @@ def test_no_pairs_is_refused_with_a_clear_error(tiny_flux, every_channel):
     with pytest.raises(MassactError, match="no target prompts given; accepted: one or more"):
         cfg = TransportConfig(channels=every_channel, judge=False, progress=False)
         transport(tiny_flux, [], [], None, cfg)
+
+
+def test_cli_channels_with_a_segmentation_mask_uses_the_stats_for_the_mask(
+    tiny_flux_dir, tiny_flux, stats_dir, tmp_path
+):
+    import json as _json
+
+    chans = {s.module: [0, 1] for s in sites_of(tiny_flux)}
+    (tmp_path / "ch.json").write_text(_json.dumps(chans))
+    code = cli(["transport", "--model", str(tiny_flux_dir), "--stats", str(stats_dir), "--channels",
+                str(tmp_path / "ch.json"), "--mask", "target", "--num-steps", "2", "--height", "32",
+                "--width", "32", "--source-prompt", SRC[0], "--target-prompt", TGT[0], "--out",
+                str(tmp_path / "o")])
+    assert code == 0
+    back = TransportResult.load(tmp_path / "o")
+    assert back.channels[sites_of(tiny_flux)[0].module].tolist() == [0, 1]
+    assert 0 < back.token_mask.sum() < back.token_mask.numel()  # the segmentation's mask, not all

@@ -51,8 +51,9 @@ def find_runs(folders: Sequence[str | Path]) -> list[Run]:
     for f in folders:
         p = Path(f)
         if not p.is_dir():
+            what = "is a file, not a folder" if p.exists() else "does not exist"
             raise MassactError(
-                f"run folder {str(f)!r} does not exist; accepted: folders written by "
+                f"run folder {str(f)!r} {what}; accepted: folders written by "
                 "`massact stats/disrupt/segment/transport --out DIR`"
             )
         found = _classify(p)

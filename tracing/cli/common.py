@@ -53,7 +53,8 @@ def prompts_from(args: argparse.Namespace) -> list[str]:
     if args.prompts_file:
         f = Path(args.prompts_file)
         if not f.is_file():
-            raise MassactError(f"prompts file {args.prompts_file!r} does not exist")
+            raise MassactError(f"prompts file {args.prompts_file!r} does not exist; accepted: a UTF-8 "
+                               "text file, one prompt per line")
         try:
             text = f.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:

@@ -11,6 +11,7 @@ note instead of breaking the demo.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -153,11 +154,13 @@ def _segment_world(ctx: dict) -> list[Path]:
     from ..probes.segmentation import SegmentConfig, segment
     from .segment import write_segmentation as write
     g = resolve(ctx["gen"], ctx["model"], model_adapter(ctx["model"]))
+    folder = ctx["out"] / "segment_world"
     if (g.height, g.width) != (world.SIZE, world.SIZE):
+        # An earlier demo into this folder at the world's size left one: the report would show it.
+        shutil.rmtree(folder, ignore_errors=True)
         raise _Unavailable(f"world images are {world.SIZE}x{world.SIZE} px; this run is "
                            f"{g.height}x{g.width}")
     sample = world.World(seed=ctx["gen"].seed).sample(1, seed=ctx["gen"].seed)
-    folder = ctx["out"] / "segment_world"
     gt = folder / "gt_mask.png"
     save_png_mask(gt, torch.from_numpy(sample.masks[0]))
     cfg = SegmentConfig(stats=ctx["stats"], image=torch.from_numpy(sample.images[:1]),

@@ -57,6 +57,26 @@ def _quiet_libraries() -> None:
 FILE_OUT = ("report",)
 
 
+def check_file_out(path: str | None, option: str) -> str | None:
+    """``path`` (``~`` expanded) for a file to write, refused early if it cannot be written.
+
+    Raises:
+        MassactError: for a path that is a folder or lies under a file.
+    """
+    if not path:
+        return path
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise MassactError(f"{option} {path!r} is a folder; accepted: the path of a file to write")
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MassactError(f"{option} {path!r} lies under the file {str(parent)!r}; accepted: "
+                                   "a path whose parents are folders")
+            break
+    return str(p)
+
+
 def check_out(args: argparse.Namespace) -> None:
     """Refuse an ``--out`` that cannot be written, before any work (not after a long run).
 
@@ -68,6 +88,7 @@ def check_out(args: argparse.Namespace) -> None:
     if not out:
         return
     p = Path(out).expanduser()
+    args.out = str(p)  # the writers get the path that was checked (``~`` expanded)
     is_file = getattr(args, "command", None) in FILE_OUT
     if is_file and p.is_dir():
         raise MassactError(f"--out {out!r} is a folder; accepted: the path of the HTML file to write")

@@ -138,7 +138,7 @@ def run_transport(args: argparse.Namespace) -> int:
     elif args.stats is None:
         raise MassactError("no channel mask: pass --stats DIR (top-k per site) or --channels FILE")
     stats = None
-    if args.stats is not None and channels is None:
+    if args.stats is not None:  # also with --channels: the segmentation masks need it
         from ..probes.common import load_stats
 
         stats = load_stats(args.stats)

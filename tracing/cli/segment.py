@@ -96,7 +96,9 @@ def write_segmentation(result: SegmentationResult, folder: str | Path, gt_mask: 
     """
     folder = Path(folder)
     truth = load_png_mask(gt_mask, result.image_size) if gt_mask else None
-    result.save(folder)
+    # The result (its meta.json) is written last and removed first: a run that dies midway over
+    # an older one leaves no folder that reads as complete with the older mask.npy.
+    (folder / "meta.json").unlink(missing_ok=True)
     save_png_mask(folder / "mask.png", result.pixel_mask())
     _save_npy(folder / "mask.npy", result.mask.numpy())
     save_png(folder / "overlay.png", result.overlay())
@@ -113,6 +115,7 @@ def write_segmentation(result: SegmentationResult, folder: str | Path, gt_mask: 
         metrics["gt_mask"] = str(Path(gt_mask).resolve())  # readable from any working folder
         metrics["iou"] = result.iou(truth)
     save_json(folder / "metrics.json", metrics)
+    result.save(folder)
     return metrics
 
 

@@ -181,6 +181,11 @@ def disrupt(
     for c in config.controls:
         if c not in CONTROLS:
             raise choice_error("control", c, CONTROLS)
+    if not list(config.controls):  # a run of the undisturbed baseline alone measures nothing
+        raise MassactError(f"no channel sets given (controls is empty); accepted: one or more of "
+                           f"{', '.join(CONTROLS)}")
+    if not isinstance(config.k, int) and not list(config.k):
+        raise MassactError("no k given (an empty list); accepted: one k or a list of them, each >= 1")
     if config.random_draws < 1:
         raise MassactError(f"random_draws={config.random_draws} is out of range; accepted: >= 1")
     st = load_stats(stats)

@@ -24,7 +24,7 @@ from massact_nn.errors import MassactError, check_positive_int
 from massact_nn.stats import ChannelStats
 
 from ..generation import GenerationConfig, resolve
-from ..model import model_adapter, model_name
+from ..model import library_versions, model_adapter, model_name
 from .common import channel_sets, load_stats
 from .disruption import DisruptionConfig, disrupt
 from .transport import TransportConfig, transport
@@ -107,7 +107,8 @@ def evaluate(model: Any, stats: ChannelStats | str | Path, config: EvaluationCon
     gen = resolve(GenerationConfig(steps=config.num_steps, seed=config.seed, height=config.height,
                                    width=config.width), model, model_adapter(model))
     report: dict = {"config": asdict(config), "model": model_name(model), "num_steps": gen.steps,
-                    "size": [gen.height, gen.width]}
+                    "size": [gen.height, gen.width], "versions": library_versions(),
+                    "stats": str(Path(stats).resolve()) if isinstance(stats, (str, Path)) else None}
 
     prompts = world_captions(config.prompts, config.seed)
     d = disrupt(model, prompts, st, DisruptionConfig(
@@ -251,7 +252,7 @@ def save_evaluation(report: dict, folder: str | Path) -> str:
     from massact_nn._io import atomic_write
 
     def write(tmp: str) -> None:
-        Path(tmp).write_text(md)
+        Path(tmp).write_text(md, encoding="utf-8")
 
     atomic_write(folder / "evaluation.md", write)
     return md

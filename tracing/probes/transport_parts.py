@@ -142,6 +142,9 @@ def _mask_file(p: Path, grid: tuple[int, int]) -> torch.Tensor:
     if p.is_dir():
         if not (p / "mask.npy").is_file():
             raise MassactError(f"{str(p)!r} holds no mask.npy; accepted: a segmentation run folder")
+        if not (p / "meta.json").is_file():
+            raise MassactError(f"{str(p)!r} has a mask.npy but no meta.json: an unfinished segmentation "
+                               "run; accepted: a complete segmentation run folder (rerun it)")
         p = p / "mask.npy"
     if not p.is_file():
         raise MassactError(f"token mask file {str(p)!r} does not exist; accepted: 'all', 'target', "

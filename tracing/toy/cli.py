@@ -58,11 +58,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from ..cli.main import check_file_out
     from .evaluate import check_cfg_scale, evaluate
     from .export import resolve_pipeline
 
     check_positive_int("--n", args.n)
     check_cfg_scale(args.cfg, "--cfg")
+    args.json = check_file_out(args.json, "--json")  # before the evaluation, not after it
     try:
         folder = resolve_pipeline(args.dir)
     except FileNotFoundError as err:

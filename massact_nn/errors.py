@@ -22,11 +22,22 @@ def choice_error(what: str, value: object, accepted: Iterable[object]) -> Massac
     return MassactError(f"unknown {what} {value!r}; accepted: {acc}")
 
 
-def check_k(k: int, channels: int, what: str = "k") -> int:
-    """Check that ``1 <= k <= channels`` and return ``k``."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > channels:
-        raise MassactError(f"{what}={k!r} is out of range; accepted: 1..{channels} (the channel count)")
-    return k
+def check_k(k: int, channels: int, what: str = "k", pool: str = "the channel count") -> int:
+    """Check that ``1 <= k <= channels`` and return ``k`` as an int (numpy/torch ints too).
+
+    Args:
+        pool: What ``channels`` counts, for the message.
+    """
+    try:
+        if isinstance(k, bool):
+            raise TypeError
+        i = operator.index(k)
+    except TypeError:
+        raise MassactError(f"{what}={k!r} is not an integer; accepted: an integer 1..{channels} "
+                           f"({pool})") from None
+    if not 1 <= i <= channels:
+        raise MassactError(f"{what}={k!r} is out of range; accepted: 1..{channels} ({pool})")
+    return i
 
 
 def check_positive_int(name: str, value: Any) -> int:

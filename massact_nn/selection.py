@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import check_k, choice_error
+from .errors import check_channel_ids, check_k, choice_error
 
 CONTROLS = ("top", "low", "random", "none")
 
@@ -51,11 +51,15 @@ def random_k(channels: int, k: int, seed: int, exclude: torch.Tensor | None = No
         -> [k] (int64), sorted ascending.
     """
     pool = torch.arange(channels)
+    left = "the channel count"
     if exclude is not None and exclude.numel():
+        ex = exclude.cpu().flatten()
+        check_channel_ids(ex, channels, "exclude")  # a -1 would silently exclude the last channel
         keep = torch.ones(channels, dtype=torch.bool)
-        keep[exclude.long().cpu()] = False
+        keep[ex.long()] = False
         pool = pool[keep]
-    check_k(k, pool.numel(), what="k (random draw)")
+        left = f"the {pool.numel()} of {channels} channels not excluded"
+    k = check_k(k, pool.numel(), what="k (random draw)", pool=left)
     g = torch.Generator().manual_seed(int(seed))
     return pool[torch.randperm(pool.numel(), generator=g)[:k]].sort().values
 

@@ -173,7 +173,14 @@ def scatter_blend(
 
 
 def check_alpha(alpha: float) -> float:
-    """Check ``0 <= alpha <= 1``."""
+    """Check ``0 <= alpha <= 1`` and return it as a float.
+
+    Raises:
+        MassactError: for a value out of range, NaN, or not a real number (a string such as
+            ``"0.5"`` would pass ``float()`` here and fail later, inside the blend).
+    """
+    if isinstance(alpha, (bool, str, bytes)) or not hasattr(alpha, "__float__"):
+        raise MassactError(f"alpha={alpha!r} is not a number; accepted: a real number 0..1")
     if not 0.0 <= float(alpha) <= 1.0:
         raise MassactError(f"alpha={alpha!r} is out of range; accepted: 0..1")
     return float(alpha)

@@ -281,3 +281,40 @@ def test_missing_model_folders_are_named_as_folders_and_long_causes_cut_at_a_wor
         load_llm("nope")
     msg = str(hub_error("org/x", OSError("word " * 60)))
     assert "(word word" in msg and "word ...);" in msg and "wor)" not in msg
+
+
+def test_alpha_k_and_empty_masks_are_refused_with_the_reason():
+    from massact_nn.selection import random_k
+    from massact_nn.transport import check_alpha
+
+    with pytest.raises(MassactError, match="alpha='0.5' is not a number"):
+        check_alpha("0.5")  # float() would take it, the blend arithmetic would not
+    assert check_alpha(np.float32(0.25)) == 0.25
+    assert random_k(6, np.int64(2), seed=0).numel() == 2  # numpy integers are integers
+    with pytest.raises(MassactError, match=r"k \(random draw\)=5 is out of range; accepted: 1..4 "
+                                           r"\(the 4 of 6 channels not excluded\)"):
+        random_k(6, 5, seed=0, exclude=torch.tensor([0, 1]))
+    with pytest.raises(MassactError, match=r"exclude: channel ids \[-1\] out of range"):
+        random_k(6, 2, seed=0, exclude=torch.tensor([-1]))  # not "the last channel"
+    with pytest.raises(MassactError, match=r"k \(random draw\)=2.0 is not an integer"):
+        random_k(6, 2.0, seed=0)
+
+
+def test_an_empty_token_mask_or_ground_truth_is_refused(
+    tiny_flux_dir, tiny_flux, stats_dir, tmp_path, capsys
+):
+    from massact_nn.tracing.probes.transport import TransportConfig, transport
+    from PIL import Image
+
+    none = np.zeros((8, 8), dtype=bool)  # the token grid at 32 px
+    with pytest.raises(MassactError, match=r"selects no token for pairs \[0\]"):
+        transport(tiny_flux, "a cat", "a dog", stats_dir,
+                  TransportConfig(generation=GenerationConfig(steps=1, height=32, width=32),
+                                  token_mask=torch.from_numpy(none), judge=False, progress=False))
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[8:24, 8:24, 3] = 255  # drawn in the alpha channel only: reads as no foreground
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "gt.png")
+    err = _cli_error(capsys, "segment", "--model", str(tiny_flux_dir), "--stats", str(stats_dir),
+                     "--prompt", "a cat", "--gt-mask", str(tmp_path / "gt.png"), "--out",
+                     str(tmp_path / "o"))
+    assert "has no foreground pixel" in err

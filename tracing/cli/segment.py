@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from massact_nn._io import atomic_write, save_json
 from massact_nn.clustering import AGGREGATIONS, FEATURES, FOREGROUND_RULES
@@ -64,7 +65,7 @@ def run_segment(args: argparse.Namespace) -> int:
         if path is not None and not Path(path).is_file():
             raise MassactError(f"{what} file {path!r} does not exist; accepted: a PNG file")
     if args.gt_mask is not None:
-        load_png_mask(args.gt_mask)  # an unreadable mask fails now, not after the segmentation
+        _gt(args.gt_mask)  # an unreadable or empty mask fails now, not after the segmentation
     if args.image is not None and not (args.caption or "").strip():
         raise MassactError("a real image needs a caption; accepted: a non-empty --caption")
     if args.image is not None and args.num_steps is not None:
@@ -88,6 +89,15 @@ def run_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gt(path: str, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    truth = load_png_mask(path, shape)
+    if not truth.any():
+        raise MassactError(f"ground-truth mask {path!r} has no foreground pixel (foreground: the "
+                           "first colour channel above half of full scale; an alpha channel is not "
+                           "read); accepted: a mask with a foreground")
+    return truth
+
+
 def write_segmentation(result: SegmentationResult, folder: str | Path, gt_mask: str | None = None) -> dict:
     """Write a segmentation run folder and return its metrics.
 
@@ -95,7 +105,7 @@ def write_segmentation(result: SegmentationResult, folder: str | Path, gt_mask: 
     ``image.png``, ``metrics.json``, ``result.safetensors`` + ``meta.json``.
     """
     folder = Path(folder)
-    truth = load_png_mask(gt_mask, result.image_size) if gt_mask else None
+    truth = _gt(gt_mask, result.image_size) if gt_mask else None
     # The result (its meta.json) is written last and removed first: a run that dies midway over
     # an older one leaves no folder that reads as complete with the older mask.npy.
     (folder / "meta.json").unlink(missing_ok=True)

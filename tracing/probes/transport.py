@@ -166,6 +166,10 @@ def transport(
         named = segmentation_masks(model, plan, mask_keywords(config.token_mask), sources, targets,
                                    source if image_source else None, stats, config.k)
     p = resolve_token_mask(config.token_mask, plan.grid, len(targets), named)  # [pairs, rows, cols]
+    empty = [j for j in range(p.shape[0]) if not p[j].any()]
+    if empty:
+        raise MassactError(f"the token mask selects no token for pairs {empty}, whose targets would "
+                           "come back untouched; accepted: a mask with at least one token per pair")
     judge = find_judge(model, config.judge)
     bs = max(1, plan.gen.batch_size)
     chunks = range(0, len(targets), bs)

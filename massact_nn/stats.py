@@ -658,16 +658,26 @@ class ChannelStats:
     def top(self, module: str | int, k: int | None = None, stat: str = "abs_mean") -> torch.Tensor:
         """Top-k channel ids at a site by a statistic, largest first.
 
+        Raises:
+            MassactError: for a statistic that is not one value per channel
+                (``per_step_abs_mean``: rank one step's row, ``stat(...)[step]``, with ``top_k``).
+
         Shapes:
             -> [k].
         """
-        return top_k(self.stat(module, stat), self.k if k is None else k)
+        x = self.stat(module, stat)
+        if x.ndim != 1:
+            raise MassactError(f"stat {stat!r} has shape {tuple(x.shape)}, not one value per channel; "
+                               "accepted: abs_mean, mean_abs, max_abs or mean (for one step of "
+                               "per_step_abs_mean: massact_nn.selection.top_k(stats.stat(site, "
+                               "'per_step_abs_mean')[step], k))")
+        return top_k(x, self.k if k is None else k)
 
     def matrix(self, stat: str = "abs_mean") -> torch.Tensor:
         """A statistic stacked over sites (all sites must have the same width).
 
         Shapes:
-            -> [sites, channels].
+            -> [sites, channels]; [sites, steps, channels] for ``per_step_abs_mean``.
         """
         widths = {s.channels for s in self.sites}
         if len(widths) != 1:

@@ -410,3 +410,17 @@ def test_evaluation_with_k_of_every_channel_leaves_out_the_empty_rest(tiny_flux,
     tops = {r["site"]: r["iou_mean"] for r in rep["rows"] if r["set"] == f"top-{width}"}
     alls = {r["site"]: r["iou_mean"] for r in rep["rows"] if r["set"] == "all"}
     assert tops == alls  # every channel is the top-k: the two sets are the same features
+
+
+def test_real_image_channel_ids_are_checked_before_the_trace(tiny_flux):
+    img = torch.rand(1, 3, 32, 32) * 2 - 1
+    site = "transformer_blocks.1"
+    mask = torch.zeros(sites_of(tiny_flux)[1].channels, dtype=torch.bool)
+    mask[[7, 20]] = True
+    for chans, needle in (({site: mask}, "dtype torch.bool; accepted: integer ids"),
+                          ({site: torch.tensor([-1])}, r"channel ids \[-1\] out of range"),
+                          ({"transformer_block.1": torch.tensor([3])}, "not measured; accepted: "
+                                                                       "transformer_blocks.1")):
+        with pytest.raises(MassactError, match=needle):
+            real_image_activations(tiny_flux, img, "a photo", [0.5], sites=[site], channels=chans,
+                                   generation=GEN)

@@ -41,6 +41,8 @@ def test_accumulator_matches_hand_computation():
         torch.testing.assert_close(st.stat(s.module, "max_abs"), x.abs().amax((0, 1, 2)))
         torch.testing.assert_close(st.stat(s.module, "mean"), m.mean((0, 1)))
         torch.testing.assert_close(st.stat(s.module, "per_step_abs_mean"), m.abs().mean(1))
+        with pytest.raises(MassactError, match="not one value per channel"):
+            st.top(s.module, 2, "per_step_abs_mean")  # top_k would cut the steps axis
         # per-prompt top-k sets come from the prompt's own abs_mean over steps
         want = torch.topk(m.abs().mean(0), 2, dim=1).indices
         assert torch.equal(st.tensors[f"prompt_topk/{s.module}"], want)

@@ -548,3 +548,18 @@ def test_cli_channels_with_a_segmentation_mask_uses_the_stats_for_the_mask(
     back = TransportResult.load(tmp_path / "o")
     assert back.channels[sites_of(tiny_flux)[0].module].tolist() == [0, 1]
     assert 0 < back.token_mask.sum() < back.token_mask.numel()  # the segmentation's mask, not all
+
+
+def test_image_conditioned_transport_takes_per_pair_lists(tiny_flux, stats_dir):
+    src = ImageSource(torch.rand(3, 32, 32) * 2 - 1, "a red cat")
+
+    def cfg(extra: dict) -> TransportConfig:
+        gen = GenerationConfig(steps=2, height=32, width=32, extra={**GEN.extra, **extra})
+        return TransportConfig(generation=gen, k=4, mode="two_pass", progress=False, judge=False)
+
+    negs = ["blurry", "dark"]
+    both = transport(tiny_flux, src, TGT, stats_dir, cfg({"negative_prompt": negs}))
+    one = transport(tiny_flux, src, TGT[1:], stats_dir, replace(cfg({"negative_prompt": negs[1]}),
+                    generation=replace(cfg({"negative_prompt": negs[1]}).generation, seed=1)))
+    assert both.result.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(both.result[1], one.result[0], rtol=1e-4, atol=1e-5)

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from massact_nn.errors import MassactError, choice_error
+from massact_nn.errors import MassactError, check_channel_ids, choice_error
 from massact_nn.images import open_image, upright
 from massact_nn.sites import Site, resolve_sites
 
 from ..adapters import read_image
-from ..generation import GenerationConfig, n_image_tokens, pipeline_kwargs, resolve
+from ..generation import GenerationConfig, n_image_tokens, per_prompt_rows, pipeline_kwargs, resolve
 from ..model import model_adapter, transformer_device
 from ..sites import sites_of
 
@@ -273,7 +273,8 @@ def trajectory_t_values(model: Any, generation: GenerationConfig, prompt: str = 
     adapter = model_adapter(model)
     gen = resolve(generation, model, adapter)
     pipe = _pipe(model)
-    kw = pipeline_kwargs(gen, [prompt], 0, transformer_device(pipe))
+    # Only the schedule is read: the first entry of any per-prompt list stands for all.
+    kw = pipeline_kwargs(per_prompt_rows(gen, [0]), [prompt], 0, transformer_device(pipe))
     per_step = adapter.calls_per_step(pipe, kw)
     out: list[float] = []
     with model.generate([prompt], output_type="latent", **kw) as tracer:
@@ -341,11 +342,15 @@ def real_image_activations(
     gen = resolve(generation or GenerationConfig(steps=1), model, adapter)
     pipe = _pipe(model)
     chosen = resolve_sites(sites_of(model), sites)
+    channels = _checked_channels(channels, chosen)
     noised = noised_image(model, image, t_values, gen.height, gen.width, seed, posterior, noise_first)
     n = len(noised.t_values)
     # The pipeline feeds t_scheduler / 1000 with t_scheduler = sigma * 1000; mirror that rounding.
     t_feed = (torch.tensor(noised.t_values, dtype=torch.float32) * 1000).to(noised.noisy.dtype) / 1000
-    kw = {k: v for k, v in pipeline_kwargs(gen, [caption], 0, transformer_device(pipe)).items()
+    # One caption for every row: per-prompt lists (a negative prompt per pair) take their first
+    # entry; a caller with one entry per pair passes that pair's generation config.
+    kw = {k: v for k, v in pipeline_kwargs(per_prompt_rows(gen, [0]), [caption], 0,
+                                           transformer_device(pipe)).items()
           if k not in ("generator", "num_inference_steps")}
     parts = []
     for a in range(0, n, gen.batch_size):  # generation.batch_size noise levels per call
@@ -355,6 +360,23 @@ def real_image_activations(
     tokens = {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
     keep = {s.module: (channels or {}).get(s.module) for s in chosen}
     return RealActivations(tokens=tokens, channels=keep, noised=noised)
+
+
+def _checked_channels(channels: dict | None, chosen: list[Site]) -> dict[str, torch.Tensor] | None:
+    """Integer ids in range per chosen site, checked once on the host before any trace."""
+    if channels is None:
+        return None
+    width = {s.module: s.channels for s in chosen}
+    unknown = [m for m in channels if m not in width]
+    if unknown:
+        raise MassactError(f"channels given for sites {unknown} that are not measured; accepted: "
+                           f"{', '.join(width)}")
+    out = {}
+    for m, c in channels.items():
+        ids = torch.as_tensor(c).flatten().cpu()
+        check_channel_ids(ids, width[m], f"site {m}")
+        out[m] = ids.long()
+    return out
 
 
 def _run_at_t(

@@ -264,7 +264,8 @@ def capture_real_image(
     reps = 2 if plan.batched_cfg else 1
     for j in range(n):
         acts = real_image_activations(model, source.image, source.caption, t_values, sites=modules,
-                                      channels=channels, generation=plan.gen, seed=plan.gen.seed + j,
+                                      channels=channels, generation=per_prompt_rows(plan.gen, [j]),
+                                      seed=plan.gen.seed + j,
                                       posterior=source.posterior, noise_first=True)
         image = acts.noised.image
         p_idx = p[j].flatten().nonzero().flatten()

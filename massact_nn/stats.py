@@ -733,6 +733,14 @@ class ChannelStats:
                 raise MassactError(
                     f"cannot merge: {key} differs ({self.meta.get(key)!r} vs {other.meta.get(key)!r})"
                 )
+        # The same prompt with the same seed is the same trajectory: counted twice it would
+        # weigh double and fake agreement between the per-prompt top-k sets.
+        mine = set(zip(self.meta.get("prompts", []), _prompt_seeds(self.meta)))
+        twice = [p for p, sd in zip(other.meta.get("prompts", []), _prompt_seeds(other.meta))
+                 if sd is not None and (p, sd) in mine]
+        if twice:
+            raise MassactError(f"cannot merge: the shards overlap ({len(twice)} prompts with the same "
+                               f"seed in both, e.g. {twice[0]!r}); accepted: disjoint shards")
         a, b, t = self.tensors, other.tensors, {}
         for s in self.sites:
             m = s.module

@@ -247,7 +247,12 @@ def test_a_guidance_scale_the_pipeline_ignores_is_recorded_as_unused(tiny_flux):
         for g in (7.0, 1.0)]
     assert [r.meta["guidance_scale_used"] for r in runs] == [None, None]
     assert torch.equal(runs[0].matrix(), runs[1].matrix())
-    assert runs[0].merge(runs[1]).meta["prompts"] == ["a red cat", "a red cat"]  # nothing differed
+    other_seed = collect_stats(tiny_flux, ["a red cat"], StatsConfig(
+        GenerationConfig(steps=1, seed=5, height=32, width=32, guidance_scale=1.0), k=2, progress=False))
+    merged = runs[0].merge(other_seed)  # the ignored scales do not block the merge
+    assert merged.meta["prompts"] == ["a red cat", "a red cat"] and merged.meta["prompt_seeds"] == [0, 5]
+    with pytest.raises(MassactError, match="the shards overlap"):
+        runs[0].merge(runs[1])  # the same prompt and seed: one trajectory, not two
 
     class Dev:  # a FluxPipeline whose transformer embeds the guidance (FLUX.1-dev)
         transformer = types.SimpleNamespace(config=types.SimpleNamespace(guidance_embeds=True))

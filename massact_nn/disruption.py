@@ -53,6 +53,8 @@ def ablate(
         raise choice_error("disruption mode", mode, MODES)
     if h.ndim != 3:
         raise MassactError(f"expected image tokens [rows, tokens, channels], got {tuple(h.shape)}")
+    if not isinstance(channels, torch.Tensor):
+        channels = torch.as_tensor(channels)  # a list or an array of ids
     if channels.numel() == 0:
         return h
     if not checked and channels.device.type == "cpu":  # where it costs no device-to-host sync

@@ -66,6 +66,8 @@ def check_channel_ids(channels: Any, width: int, where: str = "") -> None:
         channels: [k] (a tensor).
     """
     prefix = f"{where}: " if where else ""
+    if not isinstance(channels, torch.Tensor):
+        channels = torch.as_tensor(channels)  # a list or an array of ids
     if channels.numel() and (channels.dtype == torch.bool or channels.is_floating_point()
                              or channels.is_complex()):
         # A boolean channel mask read as ids would edit channels 0 and 1; 5.9 would become 5.

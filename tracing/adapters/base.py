@@ -225,7 +225,13 @@ def read_image(layout: str, out: Any, n_image: int, where: str = "?") -> torch.T
             img = out[:, :n_image]
     else:
         raise MassactError(f"unknown layout {layout!r}; accepted: {', '.join(LAYOUTS)}")
-    if not isinstance(img, torch.Tensor) or img.ndim != 3 or img.shape[1] != n_image:
+    if isinstance(img, torch.Tensor) and img.ndim == 3 and img.shape[1] != n_image:
+        # Either the generation ran at another size, or the layout changed: say both.
+        raise _layout_error(where, layout, out, (
+            f"expected {n_image} image tokens, got {img.shape[1]}; if the generation ran at another "
+            "height or width than the token count was computed for, pass the model's own (a toy's "
+            "32x32 comes with make_plan(...).kwargs())"))
+    if not isinstance(img, torch.Tensor) or img.ndim != 3:
         raise _layout_error(where, layout, out, f"expected {n_image} image tokens")
     return img
 
@@ -234,7 +240,7 @@ def write_image(layout: str, out: Any, image: torch.Tensor, n_image: int) -> Any
     """A new block output whose image stream is ``image`` (everything else unchanged).
 
     A new object is built rather than editing in place: under several nnsight invokes each one
-    sees a concatenated copy, so in-place edits would be lost (design notes, pitfall 6).
+    sees a concatenated copy, so in-place edits would be lost (docs/nnsight-pitfalls.md, 6).
 
     Shapes:
         image: [batch, n_image, channels].

@@ -2,7 +2,7 @@
 
 A probe intervenes at some sites (block outputs) during some denoising steps of a generation.
 :class:`Plan` resolves all of that once against a loaded model: the generation settings, the
-transformer-call schedule (calls are not steps under true CFG; design notes, pitfall 5), the
+transformer-call schedule (calls are not steps under true CFG; docs/nnsight-pitfalls.md, 5), the
 output layout of each site, and the image token grid.
 """
 
@@ -139,7 +139,7 @@ class Plan:
         """Pipeline keyword arguments for ``n`` prompts starting at ``first_index``.
 
         Images come back as ``[n, 3, H, W]`` tensors in [0, 1]. With ``same_seed`` every row gets a
-        generator seeded ``seed + first_index`` (identical noise; design notes, pitfall 9).
+        generator seeded ``seed + first_index`` (identical noise; docs/nnsight-pitfalls.md, 9).
         ``total``: the whole prompt list's length, for per-prompt lists (a negative prompt per
         prompt) to be cut to this batch.
         """

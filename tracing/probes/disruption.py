@@ -77,6 +77,7 @@ class DisruptionConfig:
 def disrupt_output(
     layout: str, out: Any, n_img: int, channels: torch.Tensor, mode: str = "zero",
     alpha: float = 0.0, values: torch.Tensor | None = None, signed: bool = True, checked: bool = False,
+    where: str = "?",
 ) -> Any:
     """A block's output with the chosen image-stream channels disrupted (a new object).
 
@@ -84,10 +85,17 @@ def disrupt_output(
     Every row is edited (under batched CFG both the unconditional and conditional rows). At every
     site and step, check the ids once beforehand and pass ``checked=True`` (see :func:`ablate`).
 
+    Args:
+        layout: The block's output layout (``make_plan(model, gen).layouts[module]``).
+        out: The block's output (``blk.output``).
+        n_img: Image tokens at the generation's size (``make_plan(...).n_img``).
+        channels: Channel ids (an int tensor, list or array; a boolean mask is refused).
+        where: The site's name, for error messages.
+
     Shapes:
         channels: [k]; values: [k] (``mean`` mode; magnitudes when ``signed`` is false).
     """
-    h = read_image(layout, out, n_img)
+    h = read_image(layout, out, n_img, where)
     return write_image(layout, out, ablate(h, channels, mode, alpha, values, signed, checked), n_img)
 
 

@@ -6,7 +6,7 @@ transformer run on a real image noised to that step's t with the same seeded noi
 caption (:mod:`.real_image`).
 
 Two execution modes. ``batched``: one generation of ``[sources; targets; results]`` rows with
-identical generators per pair (design notes, pitfall 9); at each site the result rows are rebuilt
+identical generators per pair (docs/nnsight-pitfalls.md, 9); at each site the result rows are rebuilt
 from the source rows and the whole output is assigned; nothing is stored. ``two_pass``: pass 1
 generates the sources and keeps only the masked entries ``[rows, tokens in p, k]`` per site and
 call; pass 2 generates targets and results and injects them. With ``control=False`` the untouched
@@ -78,7 +78,7 @@ class TransportConfig:
         mode: ``batched`` or ``two_pass`` (image-conditioned sources need ``two_pass``).
         copy_norm_out: Also blend ``transformer.norm_out``'s output over the tokens in ``p`` (all
             channels): its modulation carries the prompt's pooled embedding, so without it full
-            transport is not an identity (design notes, pitfall 10).
+            transport is not an identity (docs/nnsight-pitfalls.md, 10).
         sites: Module paths or layer indices (``None``: every site).
         steps: Denoising steps to transport at (``"a:b"``, a list, or ``None`` for all).
         control: Also generate the untouched target (what the target-side metrics and the
@@ -289,7 +289,7 @@ def _per_site(model: Any, plan: Plan, channels: dict[str, torch.Tensor], copy_no
 
     ``h`` is each site's image stream (and, with ``copy_norm_out``, ``norm_out``'s output over
     all its channels). With ``write``, what ``fn`` returns replaces the stream: a whole-output
-    assignment of a new tensor (design notes, pitfall 6). Channel ids move to the device once.
+    assignment of a new tensor (docs/nnsight-pitfalls.md, 6). Channel ids move to the device once.
     """
     device = plan.device
     chans = move_packed(channels, device)

@@ -37,7 +37,7 @@ class ImageSource:
 def rows_of(copy: int, n: int, copies: int, batched_cfg: bool) -> torch.Tensor:
     """Batch rows of one copy (source/target/result) of ``n`` pairs laid out copy-major.
 
-    Under batched CFG the batch is ``[uncond rows; cond rows]`` (design notes, pitfall 7), so each
+    Under batched CFG the batch is ``[uncond rows; cond rows]`` (docs/nnsight-pitfalls.md, 7), so each
     pair has two rows, returned unconditional first.
 
     Shapes:

@@ -78,7 +78,7 @@ def test_demo_world_segmentation_is_scored_against_the_true_mask(demo):
 
 def test_demo_probes_ran_with_the_requested_settings(demo):
     import torch
-    from massact_nn.tracing.cli.demo import SOURCE_PROMPT, STATS_PROMPTS, TARGET_PROMPT
+    from massact_nn.tracing.cli.demo import STATS_PROMPTS, TRANSPORT_SOURCE, TRANSPORT_TARGET
 
     from massact_nn.disruption import DisruptionResult
     from massact_nn.transport import TransportResult
@@ -92,8 +92,8 @@ def test_demo_probes_ran_with_the_requested_settings(demo):
     assert all(5 in ch.tolist() for ch in d.channels["top_k4"].values())
     assert s["top_k4"]["mse"] > 10 * max(s[c]["mse"] for c in ("low_k4", "random0_k4", "random1_k4"))
     t = TransportResult.load(out / "transport")
-    assert t.meta["source_prompts"] == [SOURCE_PROMPT] and t.meta["target_prompts"] == [TARGET_PROMPT]
-    assert t.meta["token_mask"] == "target" and 0 < float(t.token_mask.float().mean()) < 1
+    assert t.meta["source_prompts"] == [TRANSPORT_SOURCE] and t.meta["target_prompts"] == [TRANSPORT_TARGET]
+    assert t.meta["token_mask"] == "union" and 0 < float(t.token_mask.float().mean()) < 1
     assert not torch.equal(t.result, t.target) and not torch.equal(t.source, t.target)
 
 

@@ -9,6 +9,7 @@ accumulated in float32 whatever the model dtype (fp16 overflows on massive chann
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -618,6 +619,16 @@ class ChannelStats:
     meta: dict = field(default_factory=dict)
 
     # -- access ---------------------------------------------------------------
+    def __repr__(self) -> str:
+        # The default repr printed every tensor: ~30 KB in a notebook cell for the toy.
+        m = self.meta
+        widths = sorted({s.channels for s in self.sites})
+        span = f"{self.sites[0].module} .. {self.sites[-1].module}" if self.sites else "none"
+        return (f"ChannelStats(model={m.get('model')!r}, sites={len(self.sites)} ({span}), "
+                f"channels={widths[0] if len(widths) == 1 else widths}, "
+                f"prompts={len(m.get('prompts', []))}, steps={m.get('steps')}, k={self.k}, "
+                f"per_step={self.has_per_step})")
+
     def site(self, key: str | int) -> Site:
         """A site by module path or layer index (clear error if unknown)."""
         return resolve_sites(self.sites, [key])[0]
@@ -769,6 +780,9 @@ class ChannelStats:
         # Each shard numbered its seeds from its own first prompt: keep them per prompt.
         meta["prompt_seeds"] = _prompt_seeds(self.meta) + _prompt_seeds(other.meta)
         meta["per_step"] = self.has_per_step and other.has_per_step
+        if self.has_per_step != other.has_per_step:
+            warnings.warn("merge: only one shard kept per-step curves (per_step=True); the merged "
+                          "statistics have none", stacklevel=2)
         return ChannelStats(sites=list(self.sites), tensors=t, meta=meta)
 
     # -- persistence ----------------------------------------------------------

@@ -548,3 +548,16 @@ def test_results_are_independent_of_the_accumulator():
     third = acc.result()
     assert third.tensors["max_abs/blocks.0"].tolist() == [5.0] * 6
     assert third.tensors["abs_mean/blocks.1"].tolist() == [3.0] * 6
+
+
+def test_repr_is_a_summary_and_a_merge_that_drops_per_step_curves_says_so():
+    shards = []
+    for per_step, first in ((True, 0), (False, 1)):
+        acc = StatsAccumulator(SITES, steps=2, k=2, per_step=per_step)
+        _feed(acc, {k: v[:, first:first + 1] for k, v in _data(4, prompts=2).items()}, 1)
+        shards.append(acc.result({"model": "m", "prompts": [f"p{first}"], "seed": first}))
+    r = repr(shards[0])
+    assert r.startswith("ChannelStats(model='m', sites=2") and "per_step=True" in r and len(r) < 300
+    with pytest.warns(UserWarning, match="only one shard kept per-step curves"):
+        merged = shards[0].merge(shards[1])
+    assert not merged.has_per_step

@@ -563,3 +563,11 @@ def test_image_conditioned_transport_takes_per_pair_lists(tiny_flux, stats_dir):
                     generation=replace(cfg({"negative_prompt": negs[1]}).generation, seed=1)))
     assert both.result.shape == (2, 3, 32, 32)
     torch.testing.assert_close(both.result[1], one.result[0], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_image_source_defaults_to_two_pass(tiny_flux_dir, stats_dir, tmp_path):
+    save_png(tmp_path / "src.png", torch.rand(3, 32, 32))
+    code = cli(["transport", "--model", str(tiny_flux_dir), "--stats", str(stats_dir), "--num-steps", "1",
+                "--height", "32", "--width", "32", "--source-image", str(tmp_path / "src.png"),
+                "--source-caption", "a red cat", "--target-prompt", "a dog", "--out", str(tmp_path / "o")])
+    assert code == 0 and TransportResult.load(tmp_path / "o").meta["mode"] == "two_pass"

@@ -88,7 +88,8 @@ def _register_transport(sub: argparse._SubParsersAction) -> None:
                    help="token mask p: all | target | source | union (segmentation probe) | "
                    "segmentation run folder | .npy | PNG; several = their union")
     p.add_argument("--alpha", type=float, default=1.0, help="blend factor (1 = replace)")
-    p.add_argument("--mode", default="batched", help="batched | two_pass (default batched)")
+    p.add_argument("--mode", default=None,
+                   help="batched | two_pass (default batched; two_pass with --source-image, its only mode)")
     p.add_argument("--copy-norm-out", action="store_true", help="also copy norm_out's output in p")
     p.add_argument("--no-control", action="store_true",
                    help="skip the untouched target rows (2 rows per pair in batched mode; "
@@ -146,7 +147,8 @@ def run_transport(args: argparse.Namespace) -> int:
     cfg = TransportConfig(
         generation=generation_from_probe_args(args), k=args.k, channels=channels,
         token_mask=args.mask if len(args.mask) > 1 else args.mask[0], alpha=args.alpha,
-        mode=args.mode, copy_norm_out=args.copy_norm_out, sites=parse_sites(args.sites),
+        mode=args.mode or ("two_pass" if args.source_image else "batched"),
+        copy_norm_out=args.copy_norm_out, sites=parse_sites(args.sites),
         steps=args.steps, control=not args.no_control,
     )
     result = transport(model, source, args.target_prompt, stats, cfg)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from nnsight import NNsight
 
-from massact_nn.errors import MassactError, choice_error
+from massact_nn.errors import MassactError
 
 from ..model import check_device, parse_dtype
 from .adapters import LLMFamily, family_of
@@ -166,7 +166,10 @@ def load_llm(spec: str | Path, device: str = "cpu", dtype: str | torch.dtype = "
             if "/" in s or s.startswith((".", "~")):  # meant as a folder: say that it is missing
                 raise MassactError(f"model folder {s!r} does not exist; accepted: "
                                    f"{', '.join(BUILTIN)} or a local transformers model folder")
-            raise choice_error("model", s, [*BUILTIN, "a local transformers model folder"])
+            raise MassactError(
+                f"unknown model {s!r}; accepted: {', '.join(BUILTIN)}, a local transformers model "
+                f"folder (Hub ids are not fetched: download first, e.g. `huggingface-cli download "
+                f"{s} --local-dir ./{s}`, then pass ./{s})")
         if not (p / "config.json").is_file():
             raise MassactError(
                 f"model folder {s!r} has no config.json; accepted: a transformers model folder"

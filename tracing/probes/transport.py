@@ -141,7 +141,7 @@ def transport(
             raise MassactError("empty prompt given; accepted: non-empty strings")
     if image_source and config.mode != "two_pass":
         raise MassactError("image-conditioned transport runs in mode 'two_pass' only; accepted: "
-                           "mode='two_pass' with an image source")
+                           "mode='two_pass' (--mode two_pass) with an image source")
     if image_source:
         _check_image_source(source)
         from .real_image import check_supported

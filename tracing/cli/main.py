@@ -68,13 +68,18 @@ def check_file_out(path: str | None, option: str) -> str | None:
     p = Path(path).expanduser()
     if p.is_dir():
         raise MassactError(f"{option} {path!r} is a folder; accepted: the path of a file to write")
+    _check_parents(p, option, path)
+    return str(p)
+
+
+def _check_parents(p: Path, option: str, given: str) -> None:
+    """Refuse a path whose nearest existing parent is a file (nothing could be written there)."""
     for parent in p.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
-                raise MassactError(f"{option} {path!r} lies under the file {str(parent)!r}; accepted: "
+                raise MassactError(f"{option} {given!r} lies under the file {str(parent)!r}; accepted: "
                                    "a path whose parents are folders")
             break
-    return str(p)
 
 
 def check_out(args: argparse.Namespace) -> None:
@@ -95,12 +100,7 @@ def check_out(args: argparse.Namespace) -> None:
     if not is_file and p.exists() and not p.is_dir():
         raise MassactError(f"--out {out!r} is an existing file; accepted: a run folder (new, or one "
                            "to overwrite)")
-    for parent in p.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise MassactError(f"--out {out!r} lies under the file {str(parent)!r}; accepted: a "
-                                   "path whose parents are folders")
-            break
+    _check_parents(p, "--out", out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -147,6 +147,26 @@ def test_report_draws_every_figure_without_js_errors(report, tmp_path):
 
 
 @needs_chromium
+def test_a_full_page_screenshot_reaches_the_end_of_the_report(report, tmp_path):
+    from PIL import Image
+
+    shot = tmp_path / "full.png"
+    seen = check_in_browser(report, screenshot=shot, window=(1400, None))
+    img = Image.open(shot).convert("L")
+    assert seen.errors == [] and img.size[0] == 1400
+    # The page's last row of ink lies inside the picture, with white below it: the whole page.
+    import numpy as np
+
+    ink = np.nonzero(np.asarray(img).min(1) < 250)[0]
+    assert ink.size and ink[-1] < img.size[1] - 50
+    # A page of our own making records its height; another page falls back to the default.
+    other = tmp_path / "plain.html"
+    other.write_text("<html><body><p>hello</p></body></html>")
+    check_in_browser(other, screenshot=tmp_path / "plain.png", window=(800, None))
+    assert Image.open(tmp_path / "plain.png").size == (800, 4000)
+
+
+@needs_chromium
 def test_browser_check_catches_errors_and_undrawn_figures(report, tmp_path):
     broken = tmp_path / "broken.html"
     text = report.read_text()

@@ -53,11 +53,15 @@ class BrowserCheck:
 def check_in_browser(
     html_file: str | Path,
     screenshot: str | Path | None = None,
-    window: tuple[int, int] = (1400, 4000),
+    window: tuple[int, int | None] = (1400, 4000),
     budget_ms: int = 10000,
     timeout_s: float = 120.0,
 ) -> BrowserCheck:
     """Load ``html_file`` in headless Chromium; collect errors, count drawn figures, screenshot.
+
+    Args:
+        window: Width and height of the screenshot in pixels. Height ``None``: the whole page,
+            as laid out at that width (the library's reports record it; other pages get 4,000).
 
     Raises:
         MassactError: when no Chromium is installed.
@@ -83,8 +87,9 @@ def check_in_browser(
         if screenshot is not None:
             shot = Path(screenshot).resolve()
             shot.parent.mkdir(parents=True, exist_ok=True)
+            height = window[1] if window[1] is not None else _page_height(dom.stdout)
             run = subprocess.run(
-                base + [f"--screenshot={shot}", f"--window-size={window[0]},{window[1]}", url],
+                base + [f"--screenshot={shot}", f"--window-size={window[0]},{height}", url],
                 capture_output=True, text=True, timeout=timeout_s,
             )
             result.errors += _console_errors(run.stderr)
@@ -92,6 +97,13 @@ def check_in_browser(
                 result.screenshot = shot
     result.errors = list(dict.fromkeys(result.errors))
     return result
+
+
+def _page_height(dom: str, default: int = 4000, cap: int = 60000) -> int:
+    # Measured at --dump-dom's default width; the screenshot's width may wrap text differently,
+    # so a margin keeps the page's end in the picture.
+    m = re.search(r'data-massact-height="(\d+)"', dom)
+    return min(int(m.group(1)) + 200, cap) if m else default
 
 
 def _console_errors(stderr: str) -> list[str]:

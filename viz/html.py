@@ -37,6 +37,11 @@ _ERROR_CATCHER = """
     orig.apply(console, arguments);
   };
   document.addEventListener('DOMContentLoaded', function () { if (errs.length) show(errs.pop()); });
+  // The laid-out page height, for a full-page screenshot (check_in_browser with height None).
+  window.addEventListener('load', function () {
+    document.documentElement.setAttribute('data-massact-height',
+                                          String(document.documentElement.scrollHeight));
+  });
 })();
 </script>
 """

@@ -228,7 +228,13 @@ class TransportResult:
         folder = Path(folder)
         meta = _read_meta(folder, "transport")
         t = load_tensors(folder / "result.safetensors")
-        order = meta.pop("channel_sites")
+        order = meta.pop("channel_sites", None)
+        missing = [k for k in ("source", "result", "token_mask") if k not in t]
+        missing += [f"channels/{m}" for m in order or [] if f"channels/{m}" not in t]
+        if order is None or missing:
+            raise MassactError(f"{str(folder)!r} is not a complete transport run (missing "
+                               f"{missing or ['channel_sites in meta.json']}); accepted: a folder "
+                               "written by `massact transport --out DIR`")
         meta.pop("kind", None)
         return cls(
             source=t["source"], target=t.get("target"), result=t["result"], token_mask=t["token_mask"],

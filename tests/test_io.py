@@ -165,3 +165,18 @@ def test_a_probe_or_segmentation_save_that_dies_is_refused_on_load(tmp_path, mon
                            channels={}, primary="top", image_size=(4, 4)).save(seg)
     with pytest.raises(MassactError, match="no segmentation result in"):
         SegmentationResult.load(seg)
+
+
+def test_an_incomplete_transport_folder_is_one_clear_error(tmp_path):
+    import torch
+
+    from massact_nn._io import save_run
+    from massact_nn.errors import MassactError
+    from massact_nn.transport import TransportResult
+
+    t = {"source": torch.zeros(1, 3, 4, 4), "result": torch.zeros(1, 3, 4, 4),
+         "token_mask": torch.ones(1, 2, 2, dtype=torch.bool)}
+    save_run(tmp_path, t, {}, {"kind": "transport", "channel_sites": ["blocks.0"]})
+    with pytest.raises(MassactError, match=r"not a complete transport run \(missing "
+                                           r"\['channels/blocks.0'\]\)"):
+        TransportResult.load(tmp_path)

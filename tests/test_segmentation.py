@@ -424,3 +424,17 @@ def test_real_image_channel_ids_are_checked_before_the_trace(tiny_flux):
         with pytest.raises(MassactError, match=needle):
             real_image_activations(tiny_flux, img, "a photo", [0.5], sites=[site], channels=chans,
                                    generation=GEN)
+
+
+def test_a_zero_one_image_tensor_is_flagged_and_a_boolean_t_refused(tiny_flux):
+    from massact_nn.tracing.probes.real_image import _t_list, image_tensor
+
+    with pytest.warns(UserWarning, match="none negative: they are read as \\[-1, 1\\]"):
+        image_tensor(tiny_flux, torch.rand(1, 3, 32, 32), 32, 32)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image_tensor(tiny_flux, torch.rand(1, 3, 32, 32) * 2 - 1, 32, 32)  # [-1, 1]: no warning
+    with pytest.raises(MassactError, match="t=True is not a number"):
+        _t_list([True])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from massact_nn.errors import MassactError
 
@@ -61,7 +62,7 @@ def run_disrupt(args: argparse.Namespace) -> int:
         alpha=args.alpha, sites=parse_sites(args.sites), steps=args.steps,
     )
     result = disrupt(model, prompts, stats, cfg)
-    result.meta["stats_folder"] = str(args.stats)
+    result.meta["stats_folder"] = str(Path(args.stats).expanduser().resolve())  # from any folder
     save_disruption(result, args.out)
     print(f"{'set':<16} {'mse':>10} {'psnr':>8}  judge")
     for row in result.metrics["summary"]:

@@ -17,6 +17,7 @@ replaced by t. One row per t: a batch of noise levels costs one transformer call
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,10 @@ def image_tensor(model: Any, image: Any, height: int, width: int) -> torch.Tenso
         if not (-1.0 - 1e-3 <= lo and hi <= 1.0 + 1e-3):  # NaN fails too
             raise MassactError(f"image tensor values span [{lo:g}, {hi:g}]; accepted: [-1, 1] "
                                "(map [0, 1] images with 2 * x - 1)")
+        if lo >= 0.0 and hi - lo > 0.05:
+            # Legal, but the mark of a [0, 1] image (diffusers' img2img reads those as [0, 1]).
+            warnings.warn(f"image tensor values span [{lo:g}, {hi:g}], none negative: they are read "
+                          "as [-1, 1]; if the image is in [0, 1], pass 2 * x - 1", stacklevel=2)
         return t
     return pipe.image_processor.preprocess(image, height=height, width=width)
 
@@ -199,6 +204,8 @@ def _t_list(t_values: Sequence[float]) -> list[float]:
     out = []
     for t in items:
         try:
+            if isinstance(t, bool):  # True would read as t = 1
+                raise TypeError
             f = float(t)
         except (TypeError, ValueError):
             raise MassactError(f"t={t!r} is not a number; accepted: 0 <= t <= 1") from None

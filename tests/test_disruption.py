@@ -223,3 +223,36 @@ def test_cli_writes_run_folder(planted_flux_dir, partial_stats, tmp_path, capsys
     assert code == 0
     r = DisruptionResult.load(tmp_path / "o")
     assert r.sets == ["none", "top_k1"] and r.metrics["sets"]["top_k1"]["mse"] > 0
+
+
+def test_numpy_k_is_an_integer_k(planted, partial_stats):
+    import numpy as np
+    from massact_nn.tracing.probes.disruption import DisruptionConfig, disrupt
+
+    cfg = DisruptionConfig(GenerationConfig(steps=1, height=32, width=32), k=np.int64(2),
+                           controls=("top",), sites=["transformer_blocks.0"], judge=False,
+                           progress=False)
+    assert disrupt(planted, "a cat", partial_stats, cfg).sets == ["none", "top_k2"]
+
+
+def test_a_disruption_save_that_dies_midway_is_refused_on_load(planted, partial_stats, tmp_path,
+                                                              monkeypatch):
+    import massact_nn.tracing.probes.disruption as dis_mod
+    from massact_nn.tracing.probes.disruption import DisruptionConfig, disrupt, save_disruption
+
+    from massact_nn.errors import MassactError
+
+    cfg = DisruptionConfig(GenerationConfig(steps=1, height=32, width=32), k=2, controls=("top",),
+                           sites=["transformer_blocks.0"], judge=False, progress=False)
+    r = disrupt(planted, "a cat", partial_stats, cfg)
+    save_disruption(r, tmp_path)
+    assert DisruptionResult.load(tmp_path).sets == ["none", "top_k2"]
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(dis_mod, "write_pngs", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_disruption(r, tmp_path)
+    with pytest.raises(MassactError):
+        DisruptionResult.load(tmp_path)

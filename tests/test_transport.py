@@ -565,9 +565,29 @@ def test_image_conditioned_transport_takes_per_pair_lists(tiny_flux, stats_dir):
     torch.testing.assert_close(both.result[1], one.result[0], rtol=1e-4, atol=1e-5)
 
 
-def test_cli_image_source_defaults_to_two_pass(tiny_flux_dir, stats_dir, tmp_path):
+def test_cli_image_source_defaults_to_two_pass(tiny_flux_dir, stats_dir, tmp_path, capsys):
     save_png(tmp_path / "src.png", torch.rand(3, 32, 32))
     code = cli(["transport", "--model", str(tiny_flux_dir), "--stats", str(stats_dir), "--num-steps", "1",
                 "--height", "32", "--width", "32", "--source-image", str(tmp_path / "src.png"),
                 "--source-caption", "a red cat", "--target-prompt", "a dog", "--out", str(tmp_path / "o")])
     assert code == 0 and TransportResult.load(tmp_path / "o").meta["mode"] == "two_pass"
+    assert "stored " in capsys.readouterr().out  # two-pass prints what it stored
+
+
+def test_a_transport_save_that_dies_midway_is_refused_on_load(tiny_flux, every_channel, tmp_path,
+                                                             monkeypatch):
+    import massact_nn.tracing.probes.transport as tr_mod
+
+    cfg = TransportConfig(generation=GEN, channels=every_channel, judge=False, progress=False)
+    r = transport(tiny_flux, SRC[0], TGT[0], None, cfg)
+    save_transport(r, tmp_path)
+    assert TransportResult.load(tmp_path).meta["target_prompts"] == [TGT[0]]
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(tr_mod, "write_pngs", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_transport(r, tmp_path)  # dies while writing the images, over the older run
+    with pytest.raises(MassactError):
+        TransportResult.load(tmp_path)  # not the older run's metadata over newer files

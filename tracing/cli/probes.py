@@ -162,7 +162,7 @@ def run_transport(args: argparse.Namespace) -> int:
               f"outside {m['to_target']['outside']})")
     if "moved" in m:
         print(f"judge: moved {m['moved']}, kept {m.get('kept', '-')}, already {m.get('already', '-')}")
-    if args.mode == "two_pass":
+    if cfg.mode == "two_pass":
         print(f"stored {result.meta['stored_bytes']} bytes (full hidden states: {result.meta['full_bytes']})")
     print(f"wrote {args.out}")
     return 0

@@ -7,6 +7,7 @@ prompts with the same per-prompt generators, so the images differ only by the in
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,13 +193,13 @@ def disrupt(
     if not list(config.controls):  # a run of the undisturbed baseline alone measures nothing
         raise MassactError(f"no channel sets given (controls is empty); accepted: one or more of "
                            f"{', '.join(CONTROLS)}")
-    if not isinstance(config.k, int) and not list(config.k):
+    if not isinstance(config.k, numbers.Integral) and not list(config.k):
         raise MassactError("no k given (an empty list); accepted: one k or a list of them, each >= 1")
     if config.random_draws < 1:
         raise MassactError(f"random_draws={config.random_draws} is out of range; accepted: >= 1")
     st = load_stats(stats)
     plan = make_plan(model, config.generation, config.sites, config.steps)
-    ks = [config.k] if isinstance(config.k, int) else list(config.k)
+    ks = [config.k] if isinstance(config.k, numbers.Integral) else list(config.k)
     for k in ks:
         for s in plan.sites:
             check_k(k, s.channels)
@@ -303,10 +304,13 @@ def save_disruption(result: DisruptionResult, folder: str | Path) -> Path:
     for name in _previous_sets(folder):  # before the new meta.json replaces the list of them
         if name not in result.images:
             (folder / f"{name}.png").unlink(missing_ok=True)
-    result.save(folder)
+    # meta.json goes first and comes back last (with result.save): a save that dies midway
+    # leaves no folder that reads as complete with the older run's images.
+    (folder / "meta.json").unlink(missing_ok=True)
     write_pngs(folder, result.images)
     n = next(iter(result.images.values())).shape[0]
     save_png(folder / "grid.png", grid(torch.cat(list(result.images.values())), n))
+    result.save(folder)
     return folder
 
 

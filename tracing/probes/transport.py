@@ -389,7 +389,9 @@ def save_transport(result: TransportResult, folder: str | Path) -> Path:
     from massact_nn.images import upsample_mask
 
     folder = Path(folder)
-    result.save(folder)
+    # meta.json goes first and comes back last (with result.save): a save that dies midway
+    # leaves no folder that reads as complete with the older run's images.
+    (folder / "meta.json").unlink(missing_ok=True)
     pngs = {"source": result.source, "target": result.target, "result": result.result}
     write_pngs(folder, {k: v for k, v in pngs.items() if v is not None})
     if result.target is None:  # a folder reused from a run with the control must not keep its target
@@ -398,4 +400,5 @@ def save_transport(result: TransportResult, folder: str | Path) -> Path:
     masks = result.token_mask if result.token_mask.ndim == 3 else result.token_mask[None]
     pix = torch.stack([upsample_mask(m, (h, w)) for m in masks]).float()
     write_pngs(folder, {"mask": pix[:, None].expand(-1, 3, -1, -1)})
+    result.save(folder)
     return folder

@@ -590,6 +590,19 @@ def _merge_extra(a: dict | None, b: dict | None) -> dict | None:
     return out
 
 
+def _trajectories(meta: dict) -> list[tuple]:
+    """Per prompt: (prompt, seed, its per-prompt pipeline entries), what fixes its trajectory."""
+    prompts = list(meta.get("prompts", []))
+    extra = (meta.get("generation") or {}).get("extra") or {}
+    own = {k: v for k, v in extra.items() if k in PER_PROMPT}
+    rows = []
+    for i, (p, sd) in enumerate(zip(prompts, _prompt_seeds(meta))):
+        entries = tuple(sorted((k, str(v[i] if isinstance(v, list) and len(v) == len(prompts) else v))
+                               for k, v in own.items()))
+        rows.append((p, sd, entries))
+    return rows
+
+
 def _prompt_seeds(meta: dict) -> list:
     """The seed each prompt of a run was generated with (prompt i: ``seed + i``)."""
     if meta.get("prompt_seeds") is not None:
@@ -746,9 +759,8 @@ class ChannelStats:
                 )
         # The same prompt with the same seed is the same trajectory: counted twice it would
         # weigh double and fake agreement between the per-prompt top-k sets.
-        mine = set(zip(self.meta.get("prompts", []), _prompt_seeds(self.meta)))
-        twice = [p for p, sd in zip(other.meta.get("prompts", []), _prompt_seeds(other.meta))
-                 if sd is not None and (p, sd) in mine]
+        mine = set(_trajectories(self.meta))
+        twice = [t[0] for t in _trajectories(other.meta) if t[1] is not None and t in mine]
         if twice:
             raise MassactError(f"cannot merge: the shards overlap ({len(twice)} prompts with the same "
                                f"seed in both, e.g. {twice[0]!r}); accepted: disjoint shards")

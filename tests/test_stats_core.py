@@ -561,3 +561,17 @@ def test_repr_is_a_summary_and_a_merge_that_drops_per_step_curves_says_so():
     with pytest.warns(UserWarning, match="only one shard kept per-step curves"):
         merged = shards[0].merge(shards[1])
     assert not merged.has_per_step
+
+
+def test_merge_refuses_the_same_trajectory_twice_but_not_the_same_prompt_otherwise_conditioned():
+    def shard(neg, seed=0):
+        acc = StatsAccumulator(SITES, steps=2, k=2)
+        _feed(acc, {k: v[:, :1] for k, v in _data(5, prompts=1).items()}, 1)
+        return acc.result({"model": "m", "prompts": ["a cat"], "seed": seed,
+                           "generation": {"extra": {"negative_prompt": [neg]}}})
+
+    merged = shard("blurry").merge(shard("dark"))  # another negative prompt: another trajectory
+    assert merged.meta["prompts"] == ["a cat", "a cat"]
+    assert shard("blurry").merge(shard("blurry", seed=1)).meta["prompt_seeds"] == [0, 1]
+    with pytest.raises(MassactError, match="the shards overlap"):
+        shard("blurry").merge(shard("blurry"))

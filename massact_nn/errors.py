@@ -57,6 +57,20 @@ def check_positive_int(name: str, value: Any) -> int:
     return i
 
 
+def channel_ids(channels: Any, width: int, where: str = "") -> torch.Tensor:
+    """Checked channel ids (a tensor, list or array) as a flat int64 tensor on their device.
+
+    Raises:
+        MassactError: as :func:`check_channel_ids`.
+
+    Shapes:
+        channels: any -> [k] int64.
+    """
+    ids = torch.as_tensor(channels).flatten()
+    check_channel_ids(ids, width, where)
+    return ids.long()
+
+
 def check_channel_ids(channels: Any, width: int, where: str = "") -> None:
     """Raise unless every id is in ``0..width-1``.
 

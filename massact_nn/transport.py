@@ -14,7 +14,7 @@ import torch
 
 from ._io import load_json, load_tensors, save_run
 from .disruption import _read_meta
-from .errors import MassactError, check_channel_ids
+from .errors import MassactError, channel_ids
 from .masks import binary_mask
 
 
@@ -24,9 +24,7 @@ def channel_mask(channels: torch.Tensor, width: int) -> torch.Tensor:
     Shapes:
         channels: [k] -> [width] bool.
     """
-    ch = channels.flatten()
-    check_channel_ids(ch, width)
-    ch = ch.long()
+    ch = channel_ids(channels, width)
     m = torch.zeros(width, dtype=torch.bool)
     m[ch] = True
     return m

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from massact_nn.errors import MassactError, check_channel_ids, choice_error
+from massact_nn.errors import MassactError, channel_ids, choice_error
 from massact_nn.images import open_image, upright
 from massact_nn.sites import Site, resolve_sites
 
@@ -378,12 +378,7 @@ def _checked_channels(channels: dict | None, chosen: list[Site]) -> dict[str, to
     if unknown:
         raise MassactError(f"channels given for sites {unknown} that are not measured; accepted: "
                            f"{', '.join(width)}")
-    out = {}
-    for m, c in channels.items():
-        ids = torch.as_tensor(c).flatten().cpu()
-        check_channel_ids(ids, width[m], f"site {m}")
-        out[m] = ids.long()
-    return out
+    return {m: channel_ids(torch.as_tensor(c).cpu(), width[m], f"site {m}") for m, c in channels.items()}
 
 
 def _run_at_t(

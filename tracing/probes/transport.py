@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from massact_nn.errors import MassactError, check_channel_ids, choice_error
+from massact_nn.errors import MassactError, channel_ids, choice_error
 from massact_nn.stats import ChannelStats
 from massact_nn.transfer import move_packed
 from massact_nn.transport import TransportResult, check_alpha, gather, scatter_blend_
@@ -239,12 +239,8 @@ def _channels(plan: Plan, stats: Any, config: TransportConfig) -> dict[str, torc
         if missing:
             raise MassactError(f"no channels given for sites {missing}; accepted: a channel list "
                                f"for each of {[s.module for s in plan.sites]}")
-        out = {}
-        for s in plan.sites:
-            ch = torch.as_tensor(config.channels[s.module]).flatten()
-            check_channel_ids(ch, s.channels, f"site {s.module}")
-            out[s.module] = ch.long()
-        return out
+        return {s.module: channel_ids(config.channels[s.module], s.channels, f"site {s.module}")
+                for s in plan.sites}
     if stats is None:
         raise MassactError("no channel mask: pass a statistics run (--stats DIR) or channels per site")
     return channel_sets(load_stats(stats), plan.sites, "top", config.k)

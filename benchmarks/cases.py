@@ -75,6 +75,18 @@ def stats(b: Bench) -> None:
     b.stats = collect_stats(b.model, PROMPT, StatsConfig(b.gen(), progress=False))
 
 
+def stats_fused(b: Bench) -> None:
+    """``stats`` with ``massact_nn.reduce.FUSED = True``: one compiled reduction per site (GPU only;
+    on a CPU it is ``stats``)."""
+    import massact_nn.reduce as red
+
+    saved, red.FUSED = red.FUSED, True
+    try:
+        stats(b)
+    finally:
+        red.FUSED = saved
+
+
 def naive_save_all(b: Bench) -> None:
     """What a user writes first: save every block output with nnsight, reduce afterwards."""
     tr = b.model.transformer
@@ -150,11 +162,14 @@ def transport_two_pass_2row(b: Bench) -> None:
     _transport(b, "two_pass", control=False)
 
 
+GPU_ONLY = {"stats_fused"}  # the same as another case on a CPU: not run there by default
+
 CASES: dict[str, Callable[[Bench], None]] = {
     "plain": plain,
     "plain_images": plain_images,
     "nnsight_empty": nnsight_empty,
     "stats": stats,
+    "stats_fused": stats_fused,
     "naive_save_all": naive_save_all,
     "disrupt_all": disrupt_all,
     "plain_pair": plain_pair,

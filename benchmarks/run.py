@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cases import CASES, Bench  # noqa: E402
+from cases import CASES, GPU_ONLY, Bench  # noqa: E402
 
 
 def build(folder: Path, width: int, blocks: tuple[int, int]) -> Path:
@@ -182,6 +182,9 @@ def summarise(rows: list[dict], width: int) -> None:
         if st:
             mem = f", memory x{st['mem_ratio']:.3f} (<= 1.05)" if st.get("mem_ratio") else ""
             parts.append(f"stats x{st['time_ratio']:.3f} (<= 1.03){mem}")
+        fu = by.get((n, "stats_fused"))
+        if fu:
+            parts.append(f"stats with the compiled reduction x{fu['time_ratio']:.3f}")
         tp = by.get((n, "transport_two_pass"))
         if tp and "stored/full" in tp:
             parts.append(f"two-pass stored/full {tp['stored/full']:.5f} (k/channels {4 / width:.5f})")
@@ -226,7 +229,7 @@ def main() -> None:
     if args.model == "toy":
         tokens = args.tokens or [256]
     reps = args.reps or (3 if args.quick else 5)
-    cases = args.cases or list(CASES)
+    cases = args.cases or [c for c in CASES if args.device.startswith("cuda") or c not in GPU_ONLY]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "toy":

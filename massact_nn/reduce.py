@@ -126,5 +126,7 @@ def channel_sums_fused(h: torch.Tensor) -> Sums:
 def _fused() -> Callable[[torch.Tensor], Sums] | None:
     if "fused" not in _compiled:
         ok = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-        _compiled["fused"] = torch.compile(one_pass, fullgraph=True) if ok else None
+        # Specialised per shape (dynamic=False): a generation's shapes are fixed, and a kernel
+        # compiled for symbolic shapes after a second shape was seen would be slower.
+        _compiled["fused"] = torch.compile(one_pass, fullgraph=True, dynamic=False) if ok else None
     return _compiled["fused"]

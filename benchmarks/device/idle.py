@@ -42,18 +42,17 @@ def access_only(b: Bench) -> None:
                 blk.output[1]
 
 
-def _stats_with(reduce: Callable | None = None, fused: bool = False) -> Callable[[Bench], None]:
-    """The statistics case with another reduction function, or with ``reduce.FUSED`` set."""
-    import massact_nn.reduce as red
+def _stats_with(reduce: Callable) -> Callable[[Bench], None]:
+    """The statistics case with another reduction function."""
     import massact_nn.stats as st
 
     def case(b: Bench) -> None:
-        saved = st.channel_sums, red.FUSED
-        st.channel_sums, red.FUSED = reduce or saved[0], fused
+        saved = st.channel_sums
+        st.channel_sums = reduce
         try:
             CASES["stats"](b)
         finally:
-            st.channel_sums, red.FUSED = saved
+            st.channel_sums = saved
 
     return case
 
@@ -63,8 +62,7 @@ def _variants() -> dict:
     import massact_nn.reduce as red
 
     return {"stats_abs": _stats_with(red.channel_sums_abs),  # the CPU's kernels
-            "stats_norms": _stats_with(red.channel_sums_norms),  # the GPU default, forced
-            "stats_fused": _stats_with(fused=True)}  # the library's own switch
+            "stats_norms": _stats_with(red.channel_sums_norms)}  # the GPU default, forced
 
 
 def summarise_trace(path: Path) -> dict:
@@ -112,10 +110,17 @@ def time_cases(b: Bench, names: list[str], table: dict, reps: int) -> dict[str, 
     A profiler session leaves the process slower afterwards (its callbacks), so nothing timed
     here may follow one.
     """
+    first = {}
     for c in names:
-        for _ in range(2):
+        for i in range(2):
+            b.sync()
+            t0 = time.perf_counter()
             table[c](b)
-    b.sync()
+            b.sync()
+            if i == 0:
+                first[c] = round((time.perf_counter() - t0) * 1e3, 1)
+    # The first call of a case includes one-off work: torch.compile's compilation, for one.
+    print(f"first calls at {b.tokens} tokens (ms): {first}")
     times: dict[str, list[float]] = {c: [] for c in names}
     for _ in range(reps):
         for c in names:
@@ -178,14 +183,24 @@ def reductions(tokens: int, width: int, device: str, reps: int = 50) -> dict:
         return (hh.t() @ torch.ones(tokens, 1, device="cuda", dtype=h.dtype),
                 torch.linalg.vector_norm(h, 1, dim=1, dtype=f32), torch.linalg.vector_norm(h, inf, dim=1))
 
+    ones = torch.ones(1, tokens, device=device, dtype=h.dtype)
+
+    def gemv32():  # the token sum as a GEMV with float32 output (torch >= 2.8 on CUDA)
+        return (torch.mm(ones, h[0], out_dtype=f32),
+                torch.linalg.vector_norm(h, 1, dim=1, dtype=f32), torch.linalg.vector_norm(h, inf, dim=1))
+
     def sum_only():
         return torch.sum(h, 1, dtype=f32)
 
     out = {}
     for name, fn in [("current", current), ("norms", norms), ("aminmax", aminmax), ("gemv", gemv),
-                     ("fused", fused), ("sum_only", sum_only)]:
-        for _ in range(5):
-            fn()
+                     ("gemv32", gemv32), ("fused", fused), ("sum_only", sum_only)]:
+        try:
+            for _ in range(5):
+                fn()
+        except (RuntimeError, TypeError) as e:  # an operator this torch lacks
+            out[name] = f"unavailable: {str(e)[:80]}"
+            continue
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -203,7 +218,8 @@ def reductions(tokens: int, width: int, device: str, reps: int = 50) -> dict:
         torch.cuda.synchronize()
         out[name] = {"device": round(s.elapsed_time(e) / reps, 4), "wall": round(host, 4)}
     ref = current()
-    for name, fn in [("norms", norms), ("aminmax", aminmax), ("fused", fused)]:
+    for name, fn in [("norms", norms), ("aminmax", aminmax), ("fused", fused)] + (
+            [("gemv32", gemv32)] if isinstance(out.get("gemv32"), dict) else []):
         got = fn()
         out[f"{name}_maxdiff"] = max(float((x.float() - y.float()).abs().max() / y.float().abs().max())
                                      for x, y in zip(got, ref))

@@ -65,10 +65,23 @@ def _variants() -> dict:
             "stats_norms": _stats_with(red.channel_sums_norms)}  # the GPU default, forced
 
 
-def summarise_trace(path: Path) -> dict:
+def _frames(py: list[dict], tid, ts: float, n: int = 8) -> list[str]:
+    """The innermost ``n`` Python frames running on thread ``tid`` at time ``ts`` (stack traces)."""
+    around = [e for e in py if e["tid"] == tid and e["ts"] <= ts <= e["ts"] + e["dur"]]
+    around.sort(key=lambda e: e["ts"])
+    return [e["name"].split("site-packages/")[-1][-90:] for e in around[-n:]]
+
+
+def summarise_trace(path: Path, where: int = 5) -> dict:
+    """Busy and idle time of the device, blocking calls, and what the host ran in the longest gaps.
+
+    ``where``: for that many of the longest idle gaps, the Python frames (profiles taken with
+    stacks) at the gap's middle and at the launch that ended it, on the launching thread.
+    """
     ev = json.loads(path.read_text())["traceEvents"]
     device_cats = ("kernel", "gpu_memcpy", "gpu_memset")
-    kernels = sorted((e["ts"], e["dur"]) for e in ev if e.get("cat") in device_cats)
+    dev = sorted((e for e in ev if e.get("cat") in device_cats), key=lambda e: e["ts"])
+    kernels = [(e["ts"], e["dur"]) for e in dev]
     runtime = [e for e in ev if e.get("cat") == "cuda_runtime"]
     ops = [e for e in ev if e.get("cat") == "cpu_op"]
     start = min(e["ts"] for e in ops)
@@ -76,9 +89,9 @@ def summarise_trace(path: Path) -> dict:
         return {"wall_ms": (max(e["ts"] + e["dur"] for e in ops) - start) / 1e3}
     end = max(k[0] + k[1] for k in kernels)
     busy, gaps, last = 0.0, [], kernels[0][0]
-    for ts, dur in kernels:
+    for i, (ts, dur) in enumerate(kernels):
         if ts > last:
-            gaps.append((ts - last, last))
+            gaps.append((ts - last, last, i))
         busy += max(0.0, ts + dur - max(ts, last))
         last = max(last, ts + dur)
     # Triton launches through the driver API (cuLaunchKernel), eager kernels through the runtime.
@@ -92,15 +105,28 @@ def summarise_trace(path: Path) -> dict:
             name = min(owner, key=lambda o: o["dur"])["name"] if owner else "?"
             blocking[(e["name"], name)] += e["dur"]
     gaps.sort(reverse=True)
+    py = [e for e in ev if e.get("cat") == "python_function"]
+    by_corr = {e.get("args", {}).get("correlation"): e for e in ev
+               if e.get("cat") in ("cuda_runtime", "cuda_driver")}
+    located = []
+    for g, gstart, i in gaps[:where if py else 0]:
+        launch = by_corr.get(dev[i].get("args", {}).get("correlation"))
+        if launch is None:
+            continue
+        located.append({"at_ms": round((gstart - start) / 1e3, 2), "gap_us": round(g),
+                        "next": dev[i]["name"][:60],
+                        "host_mid": _frames(py, launch["tid"], gstart + g / 2),
+                        "host_launch": _frames(py, launch["tid"], launch["ts"])})
     return {
         "wall_ms": (end - start) / 1e3,
         "launch_ms": (launch_end - start) / 1e3,
         "first_kernel_ms": (kernels[0][0] - start) / 1e3,
         "busy_ms": busy / 1e3,
         "idle_ms": (end - kernels[0][0] - busy) / 1e3,
-        "gaps_over_50us": sum(1 for g, _ in gaps if g > 50),
-        "top_gaps_us": [round(g) for g, _ in gaps[:8]],
+        "gaps_over_50us": sum(1 for g, *_ in gaps if g > 50),
+        "top_gaps_us": [round(g) for g, *_ in gaps[:8]],
         "blocking_ms": {f"{k[0]} in {k[1]}": round(v / 1e3, 3) for k, v in blocking.most_common(8)},
+        **({"longest_gaps": located} if located else {}),
     }
 
 
@@ -131,11 +157,13 @@ def time_cases(b: Bench, names: list[str], table: dict, reps: int) -> dict[str, 
     return {c: statistics.median(v) * 1e3 for c, v in times.items()}
 
 
-def profile_case(b: Bench, name: str, fn, out: Path | None) -> dict:
+def profile_case(b: Bench, name: str, fn, out: Path | None, stack: bool = False) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.device.startswith("cuda") else [])
-    with profile(activities=acts) as prof:
+    # Stacks slow the host (every Python call is recorded): the times of such a profile say
+    # where gaps are, not how long a case takes.
+    with profile(activities=acts, with_stack=stack) as prof:
         fn(b)
         b.sync()
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,6 +267,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--traces", action="store_true", help="also keep each profile (Chrome trace, gzip)")
+    p.add_argument("--stacks", action="store_true",
+                   help="profile with Python stacks and report what the host ran in the longest gaps")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cuda = args.device.startswith("cuda")
@@ -259,7 +289,7 @@ def main() -> None:
                 print(f"{c}@{t}: median {ms:.2f} ms{ratio}")
             for c in args.cases:
                 keep = args.out if args.traces else None
-                s = {**profile_case(b, c, table[c], keep), "median_ms": medians[c]}
+                s = {**profile_case(b, c, table[c], keep, args.stacks), "median_ms": medians[c]}
                 results[f"{c}@{t}"] = s
                 print(f"{c}@{t} profiled: " + json.dumps(s))
             del b

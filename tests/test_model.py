@@ -70,3 +70,59 @@ def test_model_name_is_toy_for_the_toy_folder_by_any_spelling(tmp_path):
     shutil.copytree(toy_path() / "transformer", copy / "transformer")
     assert model_name(Pipe(str(copy))) == str(copy)
     assert model_name(Pipe("org/name")) == "org/name"
+
+
+def test_device_walk_is_remembered_per_transformer_until_its_parameters_move(monkeypatch):
+    from massact_nn.tracing import model as mm
+
+    walks = []
+    real = mm._has_diffusers_hooks
+    monkeypatch.setattr(mm, "_has_diffusers_hooks", lambda m: walks.append(m) or real(m))
+    with torch.device("meta"):  # an accelerator stand-in: any device but the CPU is remembered
+        tr = _Transformer(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    pipe = type("Pipe", (), {"transformer": tr})()
+    assert [transformer_device(pipe) for _ in range(3)] == [torch.device("meta")] * 3
+    assert len(walks) == 1
+    # Group offloading moves the parameters to the offload device when applied: walked again,
+    # and a hook found there makes diffusers' answer (the onload device) the result.
+    tr.to_empty(device="cpu")
+    registry = HookRegistry.check_if_exists_or_initialize(tr[1])
+    registry.register_hook(ModelHook(), "some_hook")
+    assert transformer_device(pipe) == torch.device("cuda") and len(walks) == 2
+    assert transformer_device(pipe) == torch.device("cuda") and len(walks) == 3
+
+
+class _Transformer(torch.nn.Sequential):
+    @property
+    def device(self) -> torch.device:  # diffusers' answer: group offloading's onload device
+        return torch.device("cuda")
+
+
+def test_cpu_parameters_are_walked_every_time(monkeypatch, tiny_flux):
+    from massact_nn.tracing import model as mm
+
+    walks = []
+    real = mm._has_diffusers_hooks
+    monkeypatch.setattr(mm, "_has_diffusers_hooks", lambda m: walks.append(m) or real(m))
+    for _ in range(2):
+        assert transformer_device(tiny_flux) == torch.device("cpu")
+    assert len(walks) == 2
+
+
+def test_folder_defaults_follow_the_file_and_are_copies(tmp_path):
+    import json
+
+    from massact_nn.tracing.generation import folder_defaults
+
+    pipe = type("Pipe", (), {"name_or_path": str(tmp_path), "config": {}})()
+    assert folder_defaults(pipe) == {}
+    f = tmp_path / "massact.json"
+    f.write_text(json.dumps({"call_defaults": {"height": 64, "extra": [1]}}))
+    got = folder_defaults(pipe)
+    assert got == {"height": 64, "extra": [1]}
+    got["extra"].append(2)  # a caller's change must not reach the next run
+    assert folder_defaults(pipe) == {"height": 64, "extra": [1]}
+    f.write_text(json.dumps({"call_defaults": {"height": 128, "extra": [1, 2, 3]}}))
+    assert folder_defaults(pipe) == {"height": 128, "extra": [1, 2, 3]}
+    f.unlink()
+    assert folder_defaults(pipe) == {}

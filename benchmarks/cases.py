@@ -69,22 +69,18 @@ def nnsight_empty(b: Bench) -> None:
         pass
 
 
-def stats(b: Bench) -> None:
+def stats(b: Bench, reduction: str = "auto") -> None:
+    """``collect_stats`` at every site and step; its default ``reduction="auto"`` runs eager
+    kernels for a run this short (compiling would not pay)."""
     from massact_nn.tracing.stats import StatsConfig, collect_stats
 
-    b.stats = collect_stats(b.model, PROMPT, StatsConfig(b.gen(), progress=False))
+    b.stats = collect_stats(b.model, PROMPT, StatsConfig(b.gen(), progress=False, reduction=reduction))
 
 
 def stats_fused(b: Bench) -> None:
-    """``stats`` with ``massact_nn.reduce.FUSED = True``: one compiled reduction per site (GPU only;
-    on a CPU it is ``stats``)."""
-    import massact_nn.reduce as red
-
-    saved, red.FUSED = red.FUSED, True
-    try:
-        stats(b)
-    finally:
-        red.FUSED = saved
+    """``stats`` with ``reduction="compiled"``: one compiled reduction per site (GPU only; on a
+    CPU it is ``stats``)."""
+    stats(b, "compiled")
 
 
 def naive_save_all(b: Bench) -> None:

@@ -5,54 +5,110 @@ values in float32, largest absolute value in the input's dtype) and never makes 
 of the activations. They differ only in speed, which depends on the device:
 
 - CPU: :func:`channel_sums_abs` (one ``abs()`` copy, then plain reductions).
-- GPU: :func:`channel_sums_norms`, three eager reductions that each read the activations once
-  (the default); or, with ``FUSED = True``, :func:`channel_sums_fused`: one compiled reduction
-  (``torch.compile``, Triton; it ran as three small kernels) that reads them once.
+- GPU, eager: :func:`channel_sums_norms`, three reductions that each read the activations once.
+- GPU, compiled: :func:`channel_sums_fused`, one ``torch.compile``d reduction (Triton) that reads
+  them once.
 
-Measured on [1, 4096, 3072] bf16 (``benchmarks/README.md``): in a generation on an H200 the
-compiled reduction took 0.019 ms of GPU time per site against 0.057 ms for the eager norms, but
-a call costs about 0.08 ms more host time (guards and the compiled wrapper), and it compiles
-for a few seconds per process and shape. Whether that pays depends on whether the GPU or the
-host is the bottleneck; no interleaved comparison of whole generations has settled it yet, so
-it is off by default.
+Which one a run uses is :func:`plan_compiled`'s answer for its ``reduction`` setting
+(``"auto"``, ``"eager"`` or ``"compiled"``). Measured on an H200 (``benchmarks/README.md``): for
+[1, 4096, 3072] bf16 the compiled kernel takes 0.021 ms of GPU time against 0.056 ms for the
+eager norms, and statistics at every site of a wide FLUX.1 cost 1.025x the plain pipeline with
+it against 1.044x eager (4 steps; 1.014x against 1.021x at 28). But compiling takes about a
+second per process and shape, a call costs ~0.08 ms more host time, and where the host is the
+bottleneck ([1, 1024, 3072]: 1.46x against 1.28x) the compiled kernel loses. ``"auto"`` therefore
+compiles a shape only where it is large and the run reduces it often enough to repay the
+compilation.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
-from .errors import MassactError
+from .errors import MassactError, choice_error
 
 Sums = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Shape = tuple[int, ...]
 
-FUSED: bool = False
-"""Reduce GPU activations with the compiled one-pass reduction (:func:`channel_sums_fused`)."""
+REDUCTIONS = ("auto", "eager", "compiled")
+"""Accepted ``reduction`` settings (see :func:`plan_compiled`)."""
+
+COMPILE_SECONDS = 1.1
+"""One-off cost of compiling the reduction for a shape (first call; H200, torch 2.11: 1.05-1.08 s)."""
+
+SAVED_SECONDS_PER_ELEMENT = 0.035e-3 / (4096 * 3072)
+"""GPU time the compiled kernel saves per reduced element (0.056 - 0.021 ms for [1, 4096, 3072])."""
+
+MIN_COMPILED_ELEMENTS = 2**23
+"""Smallest activation ``"auto"`` compiles for: at [1, 1024, 3072] (3.1 M) the host was the
+bottleneck and the compiled call's extra host time made statistics slower."""
 
 _compiled: dict[str, Callable[[torch.Tensor], Sums] | None] = {}
+_compiled_shapes: set[Shape] = set()  # shapes this process has compiled (free from now on)
 
 
-def channel_sums(h: torch.Tensor) -> Sums:
+def plan_compiled(reduction: str, device: torch.device | str, calls: Mapping[Shape, int]) -> frozenset[Shape]:
+    """Which activation shapes a run reduces with the compiled kernel.
+
+    Args:
+        reduction: ``"eager"``: none. ``"compiled"``: all of them. ``"auto"``: those of at least
+            :data:`MIN_COMPILED_ELEMENTS` elements whose planned reductions save more GPU time than
+            compiling costs (:data:`COMPILE_SECONDS`; nothing for a shape already compiled in this
+            process). On FLUX.1-dev at 1024² (57 sites × 28 steps a prompt) that is from about 20
+            prompts on.
+        device: Where the activations are; only CUDA with Triton compiles (``"compiled"``
+            elsewhere warns and runs eager).
+        calls: Planned reductions per activation shape [rows, tokens, channels].
+
+    Returns:
+        The shapes to pass to :func:`channel_sums` with ``compiled=True``.
+
+    Raises:
+        MassactError: for an unknown ``reduction``.
+    """
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise choice_error("reduction", reduction, REDUCTIONS)
+    if reduction == "eager" or torch.device(device).type != "cuda":
+        if reduction == "compiled":
+            warnings.warn(f"massact_nn: reduction='compiled' needs a CUDA device; on {device} the "
+                          "reductions run eager", stacklevel=2)
+        return frozenset()
+    if _fused() is None:
+        if reduction == "compiled":
+            warnings.warn("massact_nn: reduction='compiled' needs Triton (torch.compile); running "
+                          "eager reductions", stacklevel=2)
+        return frozenset()
+    if reduction == "compiled":
+        return frozenset(calls)
+    return frozenset(
+        shape for shape, n in calls.items()
+        if math.prod(shape) >= MIN_COMPILED_ELEMENTS
+        and (shape in _compiled_shapes or n * math.prod(shape) * SAVED_SECONDS_PER_ELEMENT >= COMPILE_SECONDS)
+    )
+
+
+def channel_sums(h: torch.Tensor, compiled: bool = False) -> Sums:
     """Per row and channel: the sum, the sum of absolute values and the largest absolute value.
 
     Args:
         h: Activations; a floating dtype, any device.
+        compiled: Use the compiled one-pass kernel (CUDA with Triton; elsewhere, or if it fails,
+            the eager kernels, after one warning). See :func:`plan_compiled`.
 
     Returns:
         ``(sum, abs_sum, abs_max)``: sums in float32, the maximum in ``h``'s dtype (exact there).
 
     Raises:
         MassactError: for a shape other than [rows, tokens, channels] with at least one token,
-            a non-floating dtype, or a ``FUSED`` other than True or False.
+            or a non-floating dtype.
 
     Shapes:
         h: [rows, tokens, channels] -> three [rows, channels].
     """
-    if FUSED is not True and FUSED is not False:
-        raise MassactError(f"massact_nn.reduce.FUSED={FUSED!r}; accepted: True, False")
     if h.ndim != 3 or h.shape[1] < 1:
         raise MassactError(f"activations of shape {tuple(h.shape)}; accepted: [rows, tokens >= 1, "
                            "channels]")
@@ -60,14 +116,17 @@ def channel_sums(h: torch.Tensor) -> Sums:
         raise MassactError(f"activations of dtype {h.dtype}; accepted: a floating dtype")
     if h.device.type == "cpu":
         return channel_sums_abs(h)
-    fused = _fused() if FUSED else None
+    fused = _fused() if compiled else None
     if fused is not None:
         try:
-            return fused(h)
+            out = fused(h)
         except Exception as e:  # the input is valid (checked above): a compiler or driver problem
             _compiled["fused"] = None
             warnings.warn(f"massact_nn: the fused channel reduction failed ({type(e).__name__}: "
                           f"{str(e)[:200]}); using eager reductions from now on", stacklevel=2)
+        else:
+            _compiled_shapes.add(tuple(h.shape))
+            return out
     return channel_sums_norms(h)
 
 
@@ -124,6 +183,7 @@ def channel_sums_fused(h: torch.Tensor) -> Sums:
 
 
 def _fused() -> Callable[[torch.Tensor], Sums] | None:
+    """The compiled reduction, or None where it cannot be built (no CUDA, no Triton, a failure)."""
     if "fused" not in _compiled:
         ok = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
         # Specialised per shape (dynamic=False): a generation's shapes are fixed, and a kernel

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,6 +151,7 @@ class StatsAccumulator:
         per_step: bool = False,
         device: torch.device | str = "cpu",
         flush_every: int = 8,
+        compiled: Collection[tuple[int, ...]] = (),
     ) -> None:
         if steps < 1:
             raise MassactError(f"steps={steps!r} is out of range; accepted: an integer >= 1")
@@ -162,6 +163,7 @@ class StatsAccumulator:
         self.steps, self.k, self.per_step = steps, k, per_step
         self.device = torch.device(device)
         self.flush_every = flush_every
+        self.compiled = frozenset(tuple(int(d) for d in shape) for shape in compiled)
         widths = {s.channels: sum(x.channels == s.channels for x in self.sites) for s in self.sites}
         self._groups = {c: _Group(n, c, steps, per_step, self.device) for c, n in widths.items()}
         self._site: dict[str, _Site] = {}
@@ -244,7 +246,7 @@ class StatsAccumulator:
             if lo < 0 or hi >= self._batch_prompts:
                 raise MassactError(f"site {module}: prompt ids {prompt_of_row.tolist()} out of range; "
                                    f"accepted: 0..{self._batch_prompts - 1}")
-        s, l1, linf = channel_sums(h)
+        s, l1, linf = channel_sums(h, bool(self.compiled) and tuple(h.shape) in self.compiled)
         # The ids are held until the fold: a copy, so the caller may reuse its buffer.
         ids = None if prompt_of_row is None else prompt_of_row.clone()
         a.hold(step, ids, (s, l1, linf), h.shape[1])
@@ -792,6 +794,12 @@ class ChannelStats:
         # Each shard numbered its seeds from its own first prompt: keep them per prompt.
         meta["prompt_seeds"] = _prompt_seeds(self.meta) + _prompt_seeds(other.meta)
         meta["per_step"] = self.has_per_step and other.has_per_step
+        # Provenance of the reductions (the forms agree to float32 rounding): both shards' settings.
+        if "reduction" in self.meta or "reduction" in other.meta:
+            ra, rb = self.meta.get("reduction"), other.meta.get("reduction")
+            meta["reduction"] = ra if ra == rb else "mixed"
+            shapes = {tuple(x) for m in (self.meta, other.meta) for x in m.get("compiled_shapes") or []}
+            meta["compiled_shapes"] = sorted(list(x) for x in shapes)
         if self.has_per_step != other.has_per_step:
             warnings.warn("merge: only one shard kept per-step curves (per_step=True); the merged "
                           "statistics have none", stacklevel=2)

@@ -49,31 +49,29 @@ def test_a_failing_compiled_kernel_falls_back_once_with_a_warning(monkeypatch):
         raise RuntimeError("no triton here")
 
     monkeypatch.setattr(red, "_compiled", {"fused": broken})
-    monkeypatch.setattr(red, "FUSED", True)
     h = torch.empty(2, 16, 8, device="meta")  # not a CPU tensor: the GPU path is taken
     with pytest.warns(UserWarning, match="fused channel reduction failed.*no triton here"):
-        s, l1, linf = red.channel_sums(h)
+        s, l1, linf = red.channel_sums(h, compiled=True)
     assert (s.shape, l1.shape, linf.shape) == ((2, 8),) * 3 and s.dtype == torch.float32
-    red.channel_sums(h)  # no second attempt: the kernel is dropped after one failure
+    red.channel_sums(h, compiled=True)  # no second attempt: the kernel is dropped after one failure
     assert calls == [(2, 16, 8)] and red._compiled["fused"] is None
 
 
-def test_fused_can_be_switched_off(monkeypatch):
-    def never(h):
-        raise AssertionError("compiled kernel used although FUSED is False")
+def test_the_compiled_kernel_runs_only_when_asked(monkeypatch):
+    seen = []
 
-    monkeypatch.setattr(red, "_compiled", {"fused": never})
-    monkeypatch.setattr(red, "FUSED", False)
-    s, _, _ = red.channel_sums(torch.empty(1, 4, 3, device="meta"))
-    assert s.shape == (1, 3)
+    def fake(h):
+        seen.append(tuple(h.shape))
+        return red.channel_sums_norms(h)
 
-
-def test_an_unknown_fused_setting_is_refused_on_every_device(monkeypatch):
-    for bad in ("yes", 1, "auto"):
-        monkeypatch.setattr(red, "FUSED", bad)
-        for dev in ("cpu", "meta"):
-            with pytest.raises(MassactError, match=f"FUSED={bad!r}; accepted: True, False"):
-                red.channel_sums(torch.zeros(1, 4, 3, device=dev))
+    monkeypatch.setattr(red, "_compiled", {"fused": fake})
+    monkeypatch.setattr(red, "_compiled_shapes", set())
+    red.channel_sums(torch.empty(1, 4, 3, device="meta"))
+    assert seen == [] and red._compiled_shapes == set()
+    red.channel_sums(torch.empty(1, 4, 3, device="meta"), compiled=True)
+    assert seen == [(1, 4, 3)] and red._compiled_shapes == {(1, 4, 3)}  # compiled in this process
+    red.channel_sums(torch.ones(1, 4, 3), compiled=True)  # a CPU tensor: always the CPU kernels
+    assert seen == [(1, 4, 3)]
 
 
 @pytest.mark.parametrize("dev", ["cpu", "meta"])
@@ -82,11 +80,62 @@ def test_bad_activations_are_refused_before_any_kernel(monkeypatch, dev):
         raise AssertionError("the compiled kernel saw an invalid input")
 
     monkeypatch.setattr(red, "_compiled", {"fused": never})
-    monkeypatch.setattr(red, "FUSED", True)
     with pytest.raises(MassactError, match=r"shape \(1, 0, 3\); accepted: \[rows, tokens >= 1"):
-        red.channel_sums(torch.zeros(1, 0, 3, device=dev))
+        red.channel_sums(torch.zeros(1, 0, 3, device=dev), compiled=True)
     with pytest.raises(MassactError, match=r"shape \(4, 3\)"):
-        red.channel_sums(torch.zeros(4, 3, device=dev))
+        red.channel_sums(torch.zeros(4, 3, device=dev), compiled=True)
     with pytest.raises(MassactError, match="dtype torch.int64; accepted: a floating dtype"):
-        red.channel_sums(torch.zeros(1, 4, 3, dtype=torch.long, device=dev))
+        red.channel_sums(torch.zeros(1, 4, 3, dtype=torch.long, device=dev), compiled=True)
     assert red._compiled["fused"] is never  # not dropped: the input was at fault, not the compiler
+
+
+FLUX_DEV = (1, 4096, 3072)  # one row of FLUX.1-dev at 1024x1024
+PER_PROMPT = 57 * 28  # its sites x steps
+
+
+@pytest.fixture
+def compiler(monkeypatch):
+    """A stand-in for a working torch.compile on a CUDA machine."""
+    monkeypatch.setattr(red, "_compiled", {"fused": red.channel_sums_norms})
+    monkeypatch.setattr(red, "_compiled_shapes", set())
+
+
+def test_auto_compiles_once_the_run_repays_the_compilation(compiler):
+    # The documented break-even: about 20 prompts of FLUX.1-dev at 1024x1024.
+    assert red.plan_compiled("auto", "cuda", {FLUX_DEV: 19 * PER_PROMPT}) == frozenset()
+    assert red.plan_compiled("auto", "cuda", {FLUX_DEV: 20 * PER_PROMPT}) == {FLUX_DEV}
+    # Per shape: a smaller last batch is not compiled for unless it repays its own compilation.
+    tail = (3, 4096, 3072)
+    assert red.plan_compiled("auto", "cuda", {FLUX_DEV: 40 * PER_PROMPT, tail: 3 * PER_PROMPT}) == {FLUX_DEV}
+
+
+def test_auto_leaves_small_activations_eager_however_long_the_run(compiler):
+    small = (1, 1024, 3072)  # host-bound on an H200: the compiled call made statistics slower
+    assert red.plan_compiled("auto", "cuda", {small: 10**9}) == frozenset()
+    assert red.plan_compiled("compiled", "cuda", {small: 1}) == {small}
+
+
+def test_auto_reuses_a_shape_this_process_compiled(compiler):
+    red._compiled_shapes.add(FLUX_DEV)
+    assert red.plan_compiled("auto", "cuda", {FLUX_DEV: 1}) == {FLUX_DEV}
+
+
+def test_eager_and_non_cuda_devices_never_compile(compiler):
+    assert red.plan_compiled("eager", "cuda", {FLUX_DEV: 10**9}) == frozenset()
+    assert red.plan_compiled("auto", "cpu", {FLUX_DEV: 10**9}) == frozenset()
+    for dev in ("cpu", "meta"):
+        with pytest.warns(UserWarning, match=f"'compiled' needs a CUDA device; on {dev}"):
+            assert red.plan_compiled("compiled", dev, {FLUX_DEV: 1}) == frozenset()
+
+
+def test_compiled_without_a_compiler_warns_and_runs_eager(monkeypatch):
+    monkeypatch.setattr(red, "_compiled", {"fused": None})
+    with pytest.warns(UserWarning, match="needs Triton"):
+        assert red.plan_compiled("compiled", "cuda", {FLUX_DEV: 1}) == frozenset()
+    assert red.plan_compiled("auto", "cuda", {FLUX_DEV: 10**9}) == frozenset()
+
+
+@pytest.mark.parametrize("bad", ["Compiled", "fused", True, None, 1])
+def test_an_unknown_reduction_is_refused(bad):
+    with pytest.raises(MassactError, match=f"unknown reduction {bad!r}; accepted: auto, eager, compiled"):
+        red.plan_compiled(bad, "cpu", {})

@@ -79,6 +79,15 @@ def test_merge_refuses_shards_measured_differently_and_keeps_each_prompts_seed()
     a = shards[0].result({**base, "prompts": ["a"], "seed": 0})
     b = shards[1].result({**base, "prompts": ["b"], "seed": 10})
     assert a.merge(b).meta["prompt_seeds"] == [0, 10]
+    assert "reduction" not in a.merge(b).meta  # runs from before the setting existed
+    # The reduction form does not change what was measured: shards merge, and say how they ran.
+    ra = shards[0].result({**base, "prompts": ["a"], "seed": 0, "reduction": "auto",
+                           "compiled_shapes": [[1, 64, 6]]})
+    rb = shards[1].result({**base, "prompts": ["b"], "seed": 10, "reduction": "eager",
+                           "compiled_shapes": []})
+    assert (ra.merge(rb).meta["reduction"], ra.merge(rb).meta["compiled_shapes"]) == ("mixed", [[1, 64, 6]])
+    same = ChannelStats(ra.sites, rb.tensors, {**ra.meta, "prompts": ["c"]})
+    assert ra.merge(same).meta["reduction"] == "auto"
     for key, value in (("include_uncond", True), ("guidance_scale", None), ("dtype", "bfloat16"),
                        ("generation", {"extra": {"max_sequence_length": 64}})):
         other = shards[1].result({**base, key: value, "prompts": ["b"], "seed": 10})
@@ -575,3 +584,17 @@ def test_merge_refuses_the_same_trajectory_twice_but_not_the_same_prompt_otherwi
     assert shard("blurry").merge(shard("blurry", seed=1)).meta["prompt_seeds"] == [0, 1]
     with pytest.raises(MassactError, match="the shards overlap"):
         shard("blurry").merge(shard("blurry"))
+
+
+def test_the_accumulator_asks_for_the_compiled_kernel_for_planned_shapes_only(monkeypatch):
+    import massact_nn.stats as st
+
+    asked = []
+    real = st.channel_sums
+    monkeypatch.setattr(st, "channel_sums", lambda h, compiled=False: asked.append(compiled) or real(h))
+    acc = StatsAccumulator([Site(0, "a.0", 8)], steps=2, k=2, compiled=[(1, 16, 8)])
+    acc.begin_batch(2)
+    acc.update("a.0", 0, torch.randn(1, 16, 8))
+    acc.update("a.0", 1, torch.randn(2, 16, 8))
+    acc.end_batch()
+    assert asked == [True, False]

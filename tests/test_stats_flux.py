@@ -129,13 +129,15 @@ def test_cli_stats_writes_run_folder(tiny_flux_dir, tmp_path, capsys):
     st = ChannelStats.load(out)
     assert st.has_per_step
     assert meta["sites"][0]["top"] == st.top("transformer_blocks.0", 3).tolist()
+    assert meta["reduction"] == "auto" and meta["compiled_shapes"] == []
     # --sites takes commas as the probe commands do.
     code = cli(["stats", "--model", str(tiny_flux_dir), "--prompt", "a red cat", "--steps", "1",
                 "--height", "32", "--width", "32", "--sites", "0,single_transformer_blocks.1",
-                "--out", str(tmp_path / "two")])
+                "--reduction", "eager", "--out", str(tmp_path / "two")])
     assert code == 0
-    assert [s.module for s in ChannelStats.load(tmp_path / "two").sites] == [
-        "transformer_blocks.0", "single_transformer_blocks.1"]
+    two = ChannelStats.load(tmp_path / "two")
+    assert [s.module for s in two.sites] == ["transformer_blocks.0", "single_transformer_blocks.1"]
+    assert two.meta["reduction"] == "eager"
 
 
 @pytest.mark.parametrize(
@@ -150,6 +152,7 @@ def test_cli_stats_writes_run_folder(tiny_flux_dir, tmp_path, capsys):
         (["--sites"], "--sites was given without a site"),
         (["--guidance-scale", "nan"], "guidance_scale=nan is out of range; accepted: a finite number"),
         (["--dtype", "float64"], None),
+        (["--reduction", "fast"], None),
     ],
 )
 def test_cli_bad_input_one_line(tiny_flux_dir, tmp_path, capsys, args, message):
@@ -223,3 +226,45 @@ def test_a_subset_of_sites_keeps_layers_and_the_models_depth(tiny_flux):
     assert [(s.layer, s.module) for s in sub.sites] == [(0, "transformer_blocks.0"),
                                                         (3, "single_transformer_blocks.1")]
     assert sub.meta["n_layers"] == 4
+
+
+def test_planned_reductions_are_the_reductions_the_run_makes(tiny_flux, monkeypatch):
+    # "auto" decides from this plan: it must count every reduction, per shape (the last batch of
+    # three prompts at batch size 2 has one row).
+    from massact_nn.tracing import stats as tst
+
+    import massact_nn.reduce as red
+    import massact_nn.stats as st
+
+    made: dict = {}
+    real = st.channel_sums
+
+    def counting(h, compiled=False):
+        made[tuple(h.shape)] = made.get(tuple(h.shape), 0) + 1
+        return real(h, compiled)
+
+    plans = []
+    real_plan = red.plan_compiled
+
+    def spy(reduction, device, calls):
+        plans.append((reduction, dict(calls)))
+        return real_plan(reduction, device, calls)
+
+    monkeypatch.setattr(st, "channel_sums", counting)
+    monkeypatch.setattr(tst, "plan_compiled", spy)
+    res = collect_stats(tiny_flux, PROMPTS, StatsConfig(GEN, progress=False))
+    assert plans == [("auto", made)]
+    n_sites = len(res.sites)
+    width = res.sites[0].channels
+    assert made == {(2, 64, width): GEN.steps * n_sites, (1, 64, width): GEN.steps * n_sites}  # 32x32 px
+    assert res.meta["reduction"] == "auto" and res.meta["compiled_shapes"] == []  # a CPU run
+
+
+def test_compiled_on_a_cpu_warns_and_gives_the_eager_result(tiny_flux):
+    eager = collect_stats(tiny_flux, PROMPTS[:1], StatsConfig(GEN, progress=False, reduction="eager"))
+    with pytest.warns(UserWarning, match="'compiled' needs a CUDA device; on cpu"):
+        comp = collect_stats(tiny_flux, PROMPTS[:1], StatsConfig(GEN, progress=False, reduction="compiled"))
+    for key, t in eager.tensors.items():
+        assert torch.equal(t, comp.tensors[key]), key
+    with pytest.raises(MassactError, match="unknown reduction 'fast'; accepted: auto, eager, compiled"):
+        collect_stats(tiny_flux, PROMPTS[:1], StatsConfig(GEN, progress=False, reduction="fast"))

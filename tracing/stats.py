@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from massact_nn.errors import MassactError
+from massact_nn.reduce import plan_compiled
 from massact_nn.sites import resolve_sites
 from massact_nn.stats import ChannelStats, StatsAccumulator
 
@@ -39,6 +40,11 @@ class StatsConfig:
         include_uncond: Under classifier-free guidance, also count the unconditional rows/calls.
         sites: Module paths or layer indices to measure (``None``: every site).
         progress: Show a tqdm bar over transformer calls.
+        reduction: How each site is reduced on a GPU: ``"auto"`` (the compiled one-pass kernel
+            for large activations in runs long enough to repay its ~1 s compilation, eager
+            kernels otherwise), ``"eager"`` or ``"compiled"``; see
+            :func:`massact_nn.reduce.plan_compiled`. The forms agree to float32 rounding; CPUs
+            always run eager.
     """
 
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -47,6 +53,7 @@ class StatsConfig:
     include_uncond: bool = False
     sites: Sequence[str | int] | None = None
     progress: bool = True
+    reduction: str = "auto"
 
 
 def collect_stats(
@@ -56,8 +63,8 @@ def collect_stats(
 
     The reductions run inside the trace on the model's device, one site at a time, and only
     [channels]-sized sums are kept (see :class:`massact_nn.stats.StatsAccumulator`). On a GPU,
-    ``massact_nn.reduce.FUSED = True`` reduces each site with one compiled reduction instead of
-    three eager ones (less GPU time, more host time per call, a few seconds of compilation; see
+    ``config.reduction`` picks eager kernels or one compiled kernel per site (less GPU time,
+    more host time per call, about a second of compilation per shape; see
     :mod:`massact_nn.reduce`).
 
     Args:
@@ -80,12 +87,15 @@ def collect_stats(
     layout = {s.module: kinds[s.module.rsplit(".", 1)[0] + "."] for s in sites}
     n_img = n_image_tokens(pipe, adapter, gen.height, gen.width)
     device = transformer_device(pipe)
-    acc = StatsAccumulator(sites, gen.steps, config.k, config.per_step, device)
 
     probe_kw = pipeline_kwargs(gen, prompts[:1], 0, device, total=len(prompts))
     per_step = adapter.calls_per_step(pipe, probe_kw)
     batched_cfg = adapter.batched_cfg(pipe, probe_kw)
     schedule = call_schedule(gen.steps, per_step)
+    compiled = plan_compiled(config.reduction, device,
+                             _planned_reductions(prompts, gen.batch_size, schedule, sites, n_img,
+                                                 batched_cfg, config.include_uncond))
+    acc = StatsAccumulator(sites, gen.steps, config.k, config.per_step, device, compiled=compiled)
     # Not even a disabled bar without progress: tqdm's constructor takes a lock and registers the
     # bar (~0.1 ms before the first call, which a GPU idles through).
     bar = (tqdm(total=len(prompts) * len(schedule), desc="stats", unit="call") if config.progress
@@ -140,8 +150,25 @@ def collect_stats(
         "n_layers": len(every),  # the model's depth, whatever `sites` measured
         "dtype": str(seen["dtype"]).replace("torch.", ""),
         "device": str(device),
+        "reduction": config.reduction,
+        "compiled_shapes": sorted(list(shape) for shape in compiled),
     }
     return acc.result(meta)
+
+
+def _planned_reductions(
+    prompts: list[str], batch_size: int, schedule: list, sites: list, n_img: int, batched_cfg: bool,
+    include_uncond: bool,
+) -> dict[tuple[int, ...], int]:
+    """How many site reductions the run will make, per activation shape [rows, tokens, channels]."""
+    measured = sum(1 for call in schedule if call.conditional or include_uncond)
+    calls: dict[tuple[int, ...], int] = {}
+    for _, chunk in batches(prompts, batch_size):
+        r = _rows(len(chunk), batched_cfg, include_uncond)
+        for s in sites:
+            shape = (r.stop - r.start, n_img, s.channels)
+            calls[shape] = calls.get(shape, 0) + measured
+    return calls
 
 
 class _NoBar:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from massact_nn.reduce import REDUCTIONS
+
 from ..model import load_model
 from ..probes.common import parse_sites
 from ..stats import StatsConfig, collect_stats
@@ -27,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_site_stats_args(p)
     p.add_argument("--per-step", action="store_true", help="also keep per-step abs_mean curves")
     p.add_argument("--include-uncond", action="store_true", help="count CFG unconditional rows too")
+    p.add_argument("--reduction", default="auto", choices=REDUCTIONS,
+                   help="GPU reductions: auto (compiled kernel for large activations in long runs), "
+                   "eager, or compiled (one compilation of ~1 s per shape, then less GPU time)")
     p.set_defaults(func=run)
 
 
@@ -37,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device, args.dtype)
     cfg = StatsConfig(
         generation=generation_from(args), k=args.k, per_step=args.per_step,
-        include_uncond=args.include_uncond, sites=parse_sites(args.sites),
+        include_uncond=args.include_uncond, sites=parse_sites(args.sites), reduction=args.reduction,
     )
     stats = collect_stats(model, prompts, cfg)
     stats.save(args.out)

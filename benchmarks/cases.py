@@ -69,9 +69,10 @@ def nnsight_empty(b: Bench) -> None:
         pass
 
 
-def stats(b: Bench, reduction: str = "auto") -> None:
-    """``collect_stats`` at every site and step; its default ``reduction="auto"`` runs eager
-    kernels for a run this short (compiling would not pay)."""
+def stats(b: Bench, reduction: str = "eager") -> None:
+    """``collect_stats`` at every site and step, eager reductions: what the default
+    ``reduction="auto"`` runs for a run this short. Named explicitly, because "auto" would take
+    the compiled kernel once ``stats_fused`` has compiled the shape in this process."""
     from massact_nn.tracing.stats import StatsConfig, collect_stats
 
     b.stats = collect_stats(b.model, PROMPT, StatsConfig(b.gen(), progress=False, reduction=reduction))

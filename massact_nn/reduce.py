@@ -13,11 +13,11 @@ Which one a run uses is :func:`plan_compiled`'s answer for its ``reduction`` set
 (``"auto"``, ``"eager"`` or ``"compiled"``). Measured on an H200 (``benchmarks/README.md``): for
 [1, 4096, 3072] bf16 the compiled kernel takes 0.021 ms of GPU time against 0.056 ms for the
 eager norms, and statistics at every site of a wide FLUX.1 cost 1.025x the plain pipeline with
-it against 1.044x eager (4 steps; 1.014x against 1.021x at 28). But compiling takes about a
-second per process and shape, a call costs ~0.08 ms more host time, and where the host is the
-bottleneck ([1, 1024, 3072]: 1.46x against 1.28x) the compiled kernel loses. ``"auto"`` therefore
-compiles a shape only where it is large and the run reduces it often enough to repay the
-compilation.
+it against 1.044x eager (4 steps; 1.014x against 1.021x at 28). But compiling takes about half
+a second per process and memory layout of a shape (a second for FLUX's two), a call costs
+~0.08 ms more host time, and where the host is the bottleneck ([1, 1024, 3072]: 1.46x against
+1.28x) the compiled kernel loses. ``"auto"`` therefore compiles a shape only where it is large
+and the run reduces it often enough to repay the compilation.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ Shape = tuple[int, ...]
 REDUCTIONS = ("auto", "eager", "compiled")
 """Accepted ``reduction`` settings (see :func:`plan_compiled`)."""
 
-COMPILE_SECONDS = 1.1
-"""One-off cost of compiling the reduction for a shape (first call; H200, torch 2.11: 1.05-1.08 s)."""
+COMPILE_SECONDS = 0.55
+"""One-off cost of compiling the reduction for one layout of a shape. On an H200 (torch 2.11)
+the first compiled generation of a wide FLUX.1 took 1.05-1.08 s longer than the next ones; its
+[1, 4096, 3072] activations come in two layouts (double and single blocks)."""
 
 SAVED_SECONDS_PER_ELEMENT = 0.035e-3 / (4096 * 3072)
 """GPU time the compiled kernel saves per reduced element (0.056 - 0.021 ms for [1, 4096, 3072])."""
@@ -49,20 +51,27 @@ bottleneck and the compiled call's extra host time made statistics slower."""
 
 _compiled: dict[str, Callable[[torch.Tensor], Sums] | None] = {}
 _compiled_shapes: set[Shape] = set()  # shapes this process has compiled (free from now on)
+_refused: set[tuple] = set()  # (shape, strides, dtype) past torch.compile's recompile limit
 
 
-def plan_compiled(reduction: str, device: torch.device | str, calls: Mapping[Shape, int]) -> frozenset[Shape]:
+def plan_compiled(
+    reduction: str, device: torch.device | str, calls: Mapping[Shape, int],
+    layouts: Mapping[Shape, int] | None = None,
+) -> frozenset[Shape]:
     """Which activation shapes a run reduces with the compiled kernel.
 
     Args:
         reduction: ``"eager"``: none. ``"compiled"``: all of them. ``"auto"``: those of at least
             :data:`MIN_COMPILED_ELEMENTS` elements whose planned reductions save more GPU time than
-            compiling costs (:data:`COMPILE_SECONDS`; nothing for a shape already compiled in this
-            process). On FLUX.1-dev at 1024² (57 sites × 28 steps a prompt) that is from about 20
-            prompts on.
+            compiling costs (:data:`COMPILE_SECONDS` per layout; nothing for a shape already
+            compiled in this process). On FLUX.1-dev at 1024² (57 sites × 28 steps a prompt, two
+            layouts) that is from about 20 prompts on.
         device: Where the activations are; only CUDA with Triton compiles (``"compiled"``
             elsewhere warns and runs eager).
         calls: Planned reductions per activation shape [rows, tokens, channels].
+        layouts: Memory layouts (strides) each shape comes in, each compiled separately (FLUX's
+            single blocks return a slice of the joint stream, its double blocks a tensor of
+            their own: 2). Default 1.
 
     Returns:
         The shapes to pass to :func:`channel_sums` with ``compiled=True``.
@@ -84,10 +93,12 @@ def plan_compiled(reduction: str, device: torch.device | str, calls: Mapping[Sha
         return frozenset()
     if reduction == "compiled":
         return frozenset(calls)
+    layouts = layouts or {}
     return frozenset(
         shape for shape, n in calls.items()
         if math.prod(shape) >= MIN_COMPILED_ELEMENTS
-        and (shape in _compiled_shapes or n * math.prod(shape) * SAVED_SECONDS_PER_ELEMENT >= COMPILE_SECONDS)
+        and (shape in _compiled_shapes
+             or n * math.prod(shape) * SAVED_SECONDS_PER_ELEMENT >= COMPILE_SECONDS * layouts.get(shape, 1))
     )
 
 
@@ -109,25 +120,56 @@ def channel_sums(h: torch.Tensor, compiled: bool = False) -> Sums:
     Shapes:
         h: [rows, tokens, channels] -> three [rows, channels].
     """
+    return reduce_sums(h, compiled)[0]
+
+
+def reduce_sums(h: torch.Tensor, compiled: bool = False) -> tuple[Sums, bool]:
+    """:func:`channel_sums`, and whether the compiled kernel computed them.
+
+    Each layout of an activation (shape, strides, dtype) is a compilation of its own. Once
+    torch.compile refuses more of them (its ``recompile_limit``), further layouts are reduced
+    eagerly, with one warning each, while the layouts compiled so far keep their kernels.
+
+    Shapes:
+        h: [rows, tokens, channels] -> three [rows, channels].
+    """
     if h.ndim != 3 or h.shape[1] < 1:
         raise MassactError(f"activations of shape {tuple(h.shape)}; accepted: [rows, tokens >= 1, "
                            "channels]")
     if not h.is_floating_point():
         raise MassactError(f"activations of dtype {h.dtype}; accepted: a floating dtype")
     if h.device.type == "cpu":
-        return channel_sums_abs(h)
+        return channel_sums_abs(h), False
     fused = _fused() if compiled else None
     if fused is not None:
-        try:
-            out = fused(h)
-        except Exception as e:  # the input is valid (checked above): a compiler or driver problem
-            _compiled["fused"] = None
-            warnings.warn(f"massact_nn: the fused channel reduction failed ({type(e).__name__}: "
-                          f"{str(e)[:200]}); using eager reductions from now on", stacklevel=2)
-        else:
-            _compiled_shapes.add(tuple(h.shape))
-            return out
-    return channel_sums_norms(h)
+        key = (tuple(h.shape), h.stride(), h.dtype)
+        if key not in _refused:
+            try:
+                out = fused(h)
+            except Exception as e:  # the input is valid (checked above): the compiler's problem
+                if _is_recompile_limit(e):
+                    _refused.add(key)
+                    warnings.warn(f"massact_nn: torch.compile's recompile limit is reached; activations "
+                                  f"of shape {key[0]}, strides {key[1]}, {key[2]} are reduced eagerly "
+                                  "(torch._dynamo.config.recompile_limit allows more)", stacklevel=3)
+                else:
+                    _compiled["fused"] = None
+                    warnings.warn(f"massact_nn: the fused channel reduction failed ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); using eager reductions from now on", stacklevel=3)
+            else:
+                _compiled_shapes.add(key[0])
+                return out, True
+    return channel_sums_norms(h), False
+
+
+def _is_recompile_limit(e: BaseException | None) -> bool:
+    # torch.compile(fullgraph=True) raises FailOnRecompileLimitHit (FailOnCacheLimitHit before
+    # torch 2.6) past its limit; a wrapped one counts too.
+    while e is not None:
+        if type(e).__name__ in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def channel_sums_abs(h: torch.Tensor) -> Sums:

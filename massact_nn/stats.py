@@ -18,7 +18,7 @@ import torch
 
 from ._io import load_json, load_tensors, save_json, save_tensors
 from .errors import MassactError, check_k, choice_error
-from .reduce import channel_sums
+from .reduce import channel_sums, reduce_sums
 from .selection import mean_pairwise_jaccard_fast, ratio_top1_median, top_k
 from .sites import Site, resolve_sites
 from .transfer import move_packed
@@ -164,6 +164,7 @@ class StatsAccumulator:
         self.device = torch.device(device)
         self.flush_every = flush_every
         self.compiled = frozenset(tuple(int(d) for d in shape) for shape in compiled)
+        self.ran_compiled: set[tuple[int, ...]] = set()  # shapes the compiled kernel did reduce
         widths = {s.channels: sum(x.channels == s.channels for x in self.sites) for s in self.sites}
         self._groups = {c: _Group(n, c, steps, per_step, self.device) for c, n in widths.items()}
         self._site: dict[str, _Site] = {}
@@ -246,7 +247,12 @@ class StatsAccumulator:
             if lo < 0 or hi >= self._batch_prompts:
                 raise MassactError(f"site {module}: prompt ids {prompt_of_row.tolist()} out of range; "
                                    f"accepted: 0..{self._batch_prompts - 1}")
-        s, l1, linf = channel_sums(h, bool(self.compiled) and tuple(h.shape) in self.compiled)
+        if self.compiled and tuple(h.shape) in self.compiled:
+            (s, l1, linf), used = reduce_sums(h, True)
+            if used:
+                self.ran_compiled.add(tuple(h.shape))
+        else:
+            s, l1, linf = channel_sums(h)
         # The ids are held until the fold: a copy, so the caller may reuse its buffer.
         ids = None if prompt_of_row is None else prompt_of_row.clone()
         a.hold(step, ids, (s, l1, linf), h.shape[1])

@@ -126,3 +126,29 @@ def test_folder_defaults_follow_the_file_and_are_copies(tmp_path):
     assert folder_defaults(pipe) == {"height": 128, "extra": [1, 2, 3]}
     f.unlink()
     assert folder_defaults(pipe) == {}
+
+
+def test_folder_defaults_cache_sees_a_same_size_rewrite_with_the_old_mtime(tmp_path, monkeypatch):
+    import json
+    import os
+    import time
+
+    from massact_nn.tracing import generation as g
+
+    later = time.time_ns() + 10**10  # every file is "old": the cache is used
+    monkeypatch.setattr(g.time, "time_ns", lambda: later)
+    pipe = type("Pipe", (), {"name_or_path": str(tmp_path), "config": {}})()
+    f = tmp_path / "massact.json"
+    f.write_text(json.dumps({"steps": 4}))
+    st = f.stat()
+    assert g.folder_defaults(pipe) == {"steps": 4}
+    reads = []
+    monkeypatch.setattr(g, "_parse_defaults", lambda p: reads.append(p) or {"steps": -1})
+    assert g.folder_defaults(pipe) == {"steps": 4} and reads == []  # cached
+    monkeypatch.undo()
+    monkeypatch.setattr(g.time, "time_ns", lambda: later)
+    time.sleep(0.01)
+    f.write_text(json.dumps({"steps": 8}))  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old modification time
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert g.folder_defaults(pipe) == {"steps": 8}  # the change time moved

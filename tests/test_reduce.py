@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -89,6 +91,31 @@ def test_bad_activations_are_refused_before_any_kernel(monkeypatch, dev):
     assert red._compiled["fused"] is never  # not dropped: the input was at fault, not the compiler
 
 
+def test_past_the_recompile_limit_new_layouts_run_eager_and_compiled_ones_keep_their_kernel(monkeypatch):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    # The compiler's own eager backend: real guards and recompile limit, no GPU needed.
+    compiled = torch.compile(red.one_pass, fullgraph=True, dynamic=False, backend="eager")
+    monkeypatch.setattr(red, "_compiled", {"fused": compiled})
+    monkeypatch.setattr(red, "_compiled_shapes", set())
+    monkeypatch.setattr(red, "_refused", set())
+    joint = torch.empty(2, 72, 32, device="meta")
+    layouts = [torch.empty(2, 64, 32, device="meta"), joint[:, 8:]]  # one shape, two strides
+    assert [red.reduce_sums(h, True)[1] for h in layouts] == [True, True]
+    third = torch.empty(1, 64, 32, device="meta")
+    with pytest.warns(UserWarning, match=r"recompile limit is reached; activations of shape \(1, 64, 32\)"):
+        (s, l1, linf), used = red.reduce_sums(third, True)
+    assert not used and s.shape == l1.shape == linf.shape == (1, 32)
+    assert red._compiled["fused"] is compiled  # not dropped: the other layouts keep compiling
+    assert [red.reduce_sums(h, True)[1] for h in layouts] == [True, True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused once: no second attempt, no second warning
+        assert red.reduce_sums(third, True)[1] is False
+    torch._dynamo.reset()
+
+
 FLUX_DEV = (1, 4096, 3072)  # one row of FLUX.1-dev at 1024x1024
 PER_PROMPT = 57 * 28  # its sites x steps
 
@@ -101,9 +128,13 @@ def compiler(monkeypatch):
 
 
 def test_auto_compiles_once_the_run_repays_the_compilation(compiler):
-    # The documented break-even: about 20 prompts of FLUX.1-dev at 1024x1024.
-    assert red.plan_compiled("auto", "cuda", {FLUX_DEV: 19 * PER_PROMPT}) == frozenset()
-    assert red.plan_compiled("auto", "cuda", {FLUX_DEV: 20 * PER_PROMPT}) == {FLUX_DEV}
+    # The documented break-even: about 20 prompts of FLUX.1-dev at 1024x1024 (two layouts).
+    two = {FLUX_DEV: 2}
+    assert red.plan_compiled("auto", "cuda", {FLUX_DEV: 19 * PER_PROMPT}, two) == frozenset()
+    assert red.plan_compiled("auto", "cuda", {FLUX_DEV: 20 * PER_PROMPT}, two) == {FLUX_DEV}
+    # One layout compiles once: half the run repays it.
+    assert red.plan_compiled("auto", "cuda", {FLUX_DEV: 9 * PER_PROMPT}) == frozenset()
+    assert red.plan_compiled("auto", "cuda", {FLUX_DEV: 10 * PER_PROMPT}) == {FLUX_DEV}
     # Per shape: a smaller last batch is not compiled for unless it repays its own compilation.
     tail = (3, 4096, 3072)
     assert red.plan_compiled("auto", "cuda", {FLUX_DEV: 40 * PER_PROMPT, tail: 3 * PER_PROMPT}) == {FLUX_DEV}

@@ -591,10 +591,18 @@ def test_the_accumulator_asks_for_the_compiled_kernel_for_planned_shapes_only(mo
 
     asked = []
     real = st.channel_sums
-    monkeypatch.setattr(st, "channel_sums", lambda h, compiled=False: asked.append(compiled) or real(h))
-    acc = StatsAccumulator([Site(0, "a.0", 8)], steps=2, k=2, compiled=[(1, 16, 8)])
+    monkeypatch.setattr(st, "channel_sums", lambda h: asked.append(("eager", h.shape[0])) or real(h))
+    # The compiled kernel "runs" for two rows only; one row falls back (a refused layout).
+    def reduce_sums(h, compiled):
+        asked.append(("compiled", h.shape[0]))
+        return real(h), h.shape[0] == 2
+
+    monkeypatch.setattr(st, "reduce_sums", reduce_sums)
+    acc = StatsAccumulator([Site(0, "a.0", 8)], steps=3, k=2, compiled=[(1, 16, 8), (2, 16, 8)])
     acc.begin_batch(2)
     acc.update("a.0", 0, torch.randn(1, 16, 8))
     acc.update("a.0", 1, torch.randn(2, 16, 8))
+    acc.update("a.0", 2, torch.randn(2, 15, 8))
     acc.end_batch()
-    assert asked == [True, False]
+    assert asked == [("compiled", 1), ("compiled", 2), ("eager", 2)]
+    assert acc.ran_compiled == {(2, 16, 8)}  # what ran, not what was planned

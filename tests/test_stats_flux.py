@@ -246,14 +246,14 @@ def test_planned_reductions_are_the_reductions_the_run_makes(tiny_flux, monkeypa
     plans = []
     real_plan = red.plan_compiled
 
-    def spy(reduction, device, calls):
-        plans.append((reduction, dict(calls)))
-        return real_plan(reduction, device, calls)
+    def spy(reduction, device, calls, layouts=None):
+        plans.append((reduction, dict(calls), dict(layouts)))
+        return real_plan(reduction, device, calls, layouts)
 
     monkeypatch.setattr(st, "channel_sums", counting)
     monkeypatch.setattr(tst, "plan_compiled", spy)
     res = collect_stats(tiny_flux, PROMPTS, StatsConfig(GEN, progress=False))
-    assert plans == [("auto", made)]
+    assert plans == [("auto", made, dict.fromkeys(made, 2))]  # FLUX: double and single blocks
     n_sites = len(res.sites)
     width = res.sites[0].channels
     assert made == {(2, 64, width): GEN.steps * n_sites, (1, 64, width): GEN.steps * n_sites}  # 32x32 px

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import stat
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -65,15 +66,24 @@ def folder_defaults(model: Any) -> dict:
         except OSError:
             continue
         if stat.S_ISREG(st.st_mode):
-            # Parsed once per file version (~0.1 ms a run before the first call otherwise).
-            return copy.deepcopy(_read_defaults(p, st.st_mtime_ns, st.st_size))
+            # Parsed once per file version (~0.1 ms a run before the first call otherwise). A
+            # file changed within the clock's granularity of its last change could keep its
+            # stamp, so a file younger than 2 s is read afresh (git's "racy" rule).
+            version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < 2_000_000_000:
+                return _parse_defaults(p)
+            return copy.deepcopy(_cached_defaults(p, version))
     return {}
 
 
-@functools.lru_cache(maxsize=32)
-def _read_defaults(path: str, mtime_ns: int, size: int) -> dict:
+def _parse_defaults(path: str) -> dict:
     d = json.loads(Path(path).read_text())
     return dict(d.get("call_defaults", d.get("call", d)))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_defaults(path: str, version: tuple) -> dict:
+    return _parse_defaults(path)
 
 
 def resolve(config: GenerationConfig, model: Any, adapter: Adapter) -> GenerationConfig:

@@ -83,8 +83,8 @@ def collect_stats(
     gen = resolve(config.generation, model, adapter)
     every = sites_of(model)
     sites = resolve_sites(every, config.sites)
-    kinds = {f"{bl.attr}.": bl.layout for bl in adapter.blocks}
-    layout = {s.module: kinds[s.module.rsplit(".", 1)[0] + "."] for s in sites}
+    by_prefix = {f"{bl.attr}.": bl.layout for bl in adapter.blocks}
+    layout = {s.module: by_prefix[s.module.rsplit(".", 1)[0] + "."] for s in sites}
     n_img = n_image_tokens(pipe, adapter, gen.height, gen.width)
     device = transformer_device(pipe)
 
@@ -92,9 +92,14 @@ def collect_stats(
     per_step = adapter.calls_per_step(pipe, probe_kw)
     batched_cfg = adapter.batched_cfg(pipe, probe_kw)
     schedule = call_schedule(gen.steps, per_step)
-    compiled = plan_compiled(config.reduction, device,
-                             _planned_reductions(prompts, gen.batch_size, schedule, sites, n_img,
-                                                 batched_cfg, config.include_uncond))
+    planned = _planned_reductions(prompts, gen.batch_size, schedule, sites, n_img, batched_cfg,
+                                  config.include_uncond)
+    # Each block list may hand over its own memory layout (FLUX's single blocks: a slice of the
+    # joint stream), and each layout is compiled separately.
+    kinds: dict[int, set[str]] = {}
+    for s in sites:
+        kinds.setdefault(s.channels, set()).add(s.module.rsplit(".", 1)[0])
+    compiled = plan_compiled(config.reduction, device, planned, {sh: len(kinds[sh[2]]) for sh in planned})
     acc = StatsAccumulator(sites, gen.steps, config.k, config.per_step, device, compiled=compiled)
     # Not even a disabled bar without progress: tqdm's constructor takes a lock and registers the
     # bar (~0.1 ms before the first call, which a GPU idles through).
@@ -151,7 +156,7 @@ def collect_stats(
         "dtype": str(seen["dtype"]).replace("torch.", ""),
         "device": str(device),
         "reduction": config.reduction,
-        "compiled_shapes": sorted(list(shape) for shape in compiled),
+        "compiled_shapes": sorted(list(shape) for shape in acc.ran_compiled),
     }
     return acc.result(meta)
 

@@ -41,8 +41,8 @@ class StatsConfig:
         sites: Module paths or layer indices to measure (``None``: every site).
         progress: Show a tqdm bar over transformer calls.
         reduction: How each site is reduced on a GPU: ``"auto"`` (the compiled one-pass kernel
-            for large activations in runs long enough to repay its ~1 s compilation, eager
-            kernels otherwise), ``"eager"`` or ``"compiled"``; see
+            for large activations in runs long enough to repay its compilation, about a second
+            on FLUX; eager kernels otherwise), ``"eager"`` or ``"compiled"``; see
             :func:`massact_nn.reduce.plan_compiled`. The forms agree to float32 rounding; CPUs
             always run eager.
     """
@@ -64,7 +64,7 @@ def collect_stats(
     The reductions run inside the trace on the model's device, one site at a time, and only
     [channels]-sized sums are kept (see :class:`massact_nn.stats.StatsAccumulator`). On a GPU,
     ``config.reduction`` picks eager kernels or one compiled kernel per site (less GPU time,
-    more host time per call, about a second of compilation per shape; see
+    more host time per call, about a second of compilation on FLUX; see
     :mod:`massact_nn.reduce`).
 
     Args:
@@ -83,8 +83,8 @@ def collect_stats(
     gen = resolve(config.generation, model, adapter)
     every = sites_of(model)
     sites = resolve_sites(every, config.sites)
-    by_prefix = {f"{bl.attr}.": bl.layout for bl in adapter.blocks}
-    layout = {s.module: by_prefix[s.module.rsplit(".", 1)[0] + "."] for s in sites}
+    kinds = {f"{bl.attr}.": bl.layout for bl in adapter.blocks}
+    layout = {s.module: kinds[s.module.rsplit(".", 1)[0] + "."] for s in sites}
     n_img = n_image_tokens(pipe, adapter, gen.height, gen.width)
     device = transformer_device(pipe)
 
@@ -96,10 +96,8 @@ def collect_stats(
                                   config.include_uncond)
     # Each block list may hand over its own memory layout (FLUX's single blocks: a slice of the
     # joint stream), and each layout is compiled separately.
-    kinds: dict[int, set[str]] = {}
-    for s in sites:
-        kinds.setdefault(s.channels, set()).add(s.module.rsplit(".", 1)[0])
-    compiled = plan_compiled(config.reduction, device, planned, {sh: len(kinds[sh[2]]) for sh in planned})
+    lists = {c: len({s.module.rsplit(".", 1)[0] for s in sites if s.channels == c}) for _, _, c in planned}
+    compiled = plan_compiled(config.reduction, device, planned, {sh: lists[sh[2]] for sh in planned})
     acc = StatsAccumulator(sites, gen.steps, config.k, config.per_step, device, compiled=compiled)
     # Not even a disabled bar without progress: tqdm's constructor takes a lock and registers the
     # bar (~0.1 ms before the first call, which a GPU idles through).

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-uncond", action="store_true", help="count CFG unconditional rows too")
     p.add_argument("--reduction", default="auto", choices=REDUCTIONS,
                    help="GPU reductions: auto (compiled kernel for large activations in long runs), "
-                   "eager, or compiled (one compilation of ~1 s per shape, then less GPU time)")
+                   "eager, or compiled (about a second of compilation on FLUX, then less GPU time)")
     p.set_defaults(func=run)
 
 

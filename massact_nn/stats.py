@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+import weakref
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,10 @@ class _Site:
     """One site's host-side bookkeeping; its sums are a row of its group's stacked tensors."""
 
     def __init__(self, module: str, group: _Group, pos: int) -> None:
-        self.module, self.group, self.pos = module, group, pos
+        # A weak reference: the group lists its sites, and a cycle would keep every finished
+        # run's device tensors alive until a garbage collection (which then takes milliseconds
+        # at an unpredictable moment, possibly while a GPU waits).
+        self.module, self._group, self.pos = module, weakref.ref(group), pos
         self.count = 0
         self.step_count = [0] * group.steps
         self.in_batch = False
@@ -70,6 +74,10 @@ class _Site:
         self.pending: list[tuple] = []
         self.shape: tuple = ()
         self.irregular = False
+
+    @property
+    def group(self) -> _Group:
+        return self._group()
 
     def hold(self, step: int, prompt_of_row: torch.Tensor | None, sums: tuple, tokens: int) -> None:
         """Keep one update's reductions until the next fold."""

@@ -591,3 +591,12 @@ def test_a_transport_save_that_dies_midway_is_refused_on_load(tiny_flux, every_c
         save_transport(r, tmp_path)  # dies while writing the images, over the older run
     with pytest.raises(MassactError):
         TransportResult.load(tmp_path)  # not the older run's metadata over newer files
+
+
+def test_per_pair_second_encoder_prompts_are_refused(tiny_flux, stats_dir):
+    # One entry per pair would reach the source row too, whose prompt is not the target's.
+    gen = GenerationConfig(steps=1, height=32, width=32, extra={**GEN.extra, "prompt_2": ["x", "y"]})
+    cfg = TransportConfig(generation=gen, k=4, progress=False, judge=False)
+    with pytest.raises(MassactError, match=r"prompt_2 is a list of 2; transport takes no per-pair "
+                                           r"prompt_2.*accepted: one string for every row"):
+        transport(tiny_flux, SRC[:2], TGT[:2], stats_dir, cfg)

@@ -154,6 +154,13 @@ def transport(
         raise MassactError("no target prompts given; accepted: one or more source/target pairs")
     plan = make_plan(model, config.generation, config.sites, config.steps)
     check_per_prompt(plan.gen, len(targets), "pairs")
+    for key in ("prompt_2", "prompt_3"):
+        # A pair's rows are two trajectories with different prompts: an entry per pair would
+        # give the source the target's second-encoder text (negative prompts do fit a pair).
+        if isinstance(plan.gen.extra.get(key), (list, tuple)):
+            raise MassactError(f"{key} is a list of {len(plan.gen.extra[key])}; transport takes no "
+                               f"per-pair {key}, as a pair's source and target prompts differ; "
+                               f"accepted: one string for every row, or no {key} (each row's prompt)")
     if image_source and not all(c.conditional for c in plan.schedule):
         # The real image is run with its caption only: there are no unconditional values to
         # carry into the unconditional calls, and copying the conditional ones would mix branches.

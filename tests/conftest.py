@@ -36,3 +36,28 @@ def tiny_flux(tiny_flux_dir):
     from massact_nn.tracing.model import load_model
 
     return load_model(tiny_flux_dir)
+
+
+@pytest.fixture
+def cyclic_garbage():
+    """``run(fn)``: the tensors and library objects that only the garbage collector frees after
+    ``fn()`` (reference cycles), by type name.
+
+    A cycle would keep a finished run's device tensors until a collection, which then runs at an
+    unpredictable moment (milliseconds a GPU may wait through).
+    """
+    import gc
+
+    def run(fn) -> list[str]:
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            fn()
+            gc.collect()
+            return [type(o).__name__ for o in gc.garbage
+                    if isinstance(o, torch.Tensor) or type(o).__module__.startswith("massact_nn")]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+
+    return run

@@ -270,18 +270,7 @@ def test_compiled_on_a_cpu_warns_and_gives_the_eager_result(tiny_flux):
         collect_stats(tiny_flux, PROMPTS[:1], StatsConfig(GEN, progress=False, reduction="fast"))
 
 
-def test_a_statistics_run_leaves_no_cyclic_garbage_of_its_own(tiny_flux):
-    import gc
-
+def test_a_statistics_run_leaves_no_cyclic_garbage_of_its_own(tiny_flux, cyclic_garbage):
     collect_stats(tiny_flux, PROMPTS[:1], StatsConfig(GEN, progress=False))  # warm caches
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        collect_stats(tiny_flux, PROMPTS[:2], StatsConfig(GEN, progress=False))
-        gc.collect()
-        left = [type(o).__name__ for o in gc.garbage
-                if isinstance(o, torch.Tensor) or type(o).__module__.startswith("massact_nn")]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-    assert left == []
+    cfg = StatsConfig(GEN, progress=False)
+    assert cyclic_garbage(lambda: collect_stats(tiny_flux, PROMPTS[:2], cfg)) == []

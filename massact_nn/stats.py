@@ -255,10 +255,11 @@ class StatsAccumulator:
             if lo < 0 or hi >= self._batch_prompts:
                 raise MassactError(f"site {module}: prompt ids {prompt_of_row.tolist()} out of range; "
                                    f"accepted: 0..{self._batch_prompts - 1}")
-        if self.compiled and tuple(h.shape) in self.compiled:
+        shape = tuple(h.shape) if self.compiled else None
+        if shape in self.compiled:
             (s, l1, linf), used = reduce_sums(h, True)
             if used:
-                self.ran_compiled.add(tuple(h.shape))
+                self.ran_compiled.add(shape)
         else:
             s, l1, linf = channel_sums(h)
         # The ids are held until the fold: a copy, so the caller may reuse its buffer.
